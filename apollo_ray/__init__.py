@@ -1,0 +1,1 @@
+"""apollo_ray: Apollo progressive training on Ray."""

@@ -1,0 +1,174 @@
+"""Typed, validated configuration: one pydantic model per component, validated once at the edge.
+
+A run is described by a YAML file (see `configs/`) that maps onto `RunConfig`. Each component gets
+its own slice (`ModelConfig` for the model, `DataConfig` for the batches, `TrainConfig` for the
+loop). Errors name the YAML path of the bad field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "format_validation_error",
+    "load_run_config",
+    "load_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message says where and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(Strict):
+    """Shape of the Transformer. `n_layer` is the full depth L that Apollo grows towards."""
+
+    kind: Literal["bert", "gpt"] = Field(
+        description="bert: bidirectional, post-LN, masked-LM head; gpt: causal, pre-LN, LM head"
+    )
+    n_layer: int = Field(12, ge=1, le=128, description="full depth L (layers of the final model)")
+    d_model: int = Field(768, ge=8, description="hidden size")
+    n_head: int = Field(12, ge=1, description="attention heads; must divide d_model")
+    d_ff: int | None = Field(None, ge=8, description="feed-forward size (default 4 * d_model)")
+    max_seq_len: int = Field(512, ge=8, description="number of position embeddings")
+    vocab_size: int | None = Field(
+        None,
+        ge=8,
+        description="vocabulary size (default: taken from the prepared data's tokenizer)",
+    )
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on embeddings/attention/MLP")
+    layer_norm_eps: float | None = Field(
+        None, gt=0.0, description="LayerNorm epsilon (default 1e-12 for bert, 1e-5 for gpt)"
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+            )
+        return self
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def eps(self) -> float:
+        if self.layer_norm_eps is not None:
+            return self.layer_norm_eps
+        return 1e-12 if self.kind == "bert" else 1e-5
+
+
+class DataConfig(Strict):
+    """Where the prepared shards are (a path or a pyarrow.fs URI such as s3://) and how to batch."""
+
+    path: str = Field(description="directory written by `python -m apollo_ray.data prepare`")
+    seq_len: int = Field(128, ge=8, description="tokens per training sequence")
+    mlm_probability: float = Field(
+        0.15, gt=0.0, lt=1.0, description="fraction of tokens masked for BERT masked-LM"
+    )
+
+
+class TrainConfig(Strict):
+    """The optimisation loop: budget, batch, optimiser, LR schedule, precision and cadence."""
+
+    steps: int = Field(1000, ge=1, description="optimizer steps (the budget)")
+    micro_batch: int = Field(16, ge=1, description="sequences per micro-batch (per worker)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    lr: float = Field(1e-4, gt=0.0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="final LR as a fraction of peak")
+    warmup: float = Field(0.025, ge=0.0, lt=1.0, description="warmup length, fraction of steps")
+    decay: Literal["cosine", "linear"] = Field("cosine", description="LR decay after warmup")
+    weight_decay: float = Field(
+        0.01, ge=0.0, description="AdamW weight decay (not on norms/biases)"
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm (0 disables clipping)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32"
+    )
+    eval_every: int = Field(100, ge=1, description="evaluate every this many steps (and at end)")
+    eval_batches: int = Field(8, ge=1, description="validation micro-batches per evaluation")
+    checkpoint_every: int = Field(500, ge=1, description="checkpoint every this many steps")
+    keep_checkpoints: int = Field(2, ge=1, description="periodic checkpoints kept on disk")
+    log_every: int = Field(10, ge=1, description="write train metrics every this many steps")
+
+
+class RunConfig(Strict):
+    """One training run: `python -m apollo_ray.train RUN.yaml`."""
+
+    name: str = Field(description="run name; also the default output folder name")
+    out_dir: str | None = Field(None, description="output folder (default runs/<name>)")
+    seed: int = Field(0, description="seed for init, data order, masking and dropout")
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _seq_fits_model(self) -> RunConfig:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) is larger than model.max_seq_len "
+                f"({self.model.max_seq_len}) allows"
+            )
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.out_dir or Path("runs") / self.name).resolve()
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Render pydantic errors as `file: yaml.path: problem (got value)` lines."""
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; allowed fields are documented in --help)"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  {where}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a run YAML; `overrides` are dotted keys (`train.steps`) set on top."""
+    data = load_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None
