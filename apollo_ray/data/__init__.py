@@ -1,0 +1,31 @@
+"""Pretraining data: read text sources, train a tokenizer, write token shards, serve batches.
+
+Prepare once (see `python -m apollo_ray.data --help`):
+
+    python -m apollo_ray.data prepare demo --out data/bert --kind bert
+
+then train from `DataConfig(path="data/bert")` with `Batches(config, "bert", "train", seed)`.
+"""
+
+from .batches import IGNORE_INDEX, Batches
+from .shards import Manifest, ShardInfo, SplitInfo, load_manifest, open_split, prepare
+from .sources import DataError, Source, iter_documents, resolve_source
+from .tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SPECIAL_TOKENS",
+    "Batches",
+    "DataError",
+    "Manifest",
+    "ShardInfo",
+    "Source",
+    "SplitInfo",
+    "iter_documents",
+    "load_manifest",
+    "load_tokenizer",
+    "open_split",
+    "prepare",
+    "resolve_source",
+    "train_tokenizer",
+]

@@ -1,0 +1,154 @@
+"""Deterministic, shardable micro-batches of packed sequences from prepared shards.
+
+A split's token stream is cut into fixed windows that never cross a shard boundary:
+- bert: windows of `seq_len - 1` tokens, each prefixed with `[CLS]` and masked for MLM
+  (BERT, Devlin et al. 2019, section 3.1: 80% `[MASK]`, 10% random token, 10% unchanged);
+- gpt: windows of `seq_len + 1` tokens with stride `seq_len`; `labels` are already shifted, so
+  position t predicts `labels[t]` = the token after `input_ids[t]`.
+
+Sample b of micro-batch `micro` of optimizer step `step` on worker `rank` has the global index
+    g = step * (world_size * micro_batch * grad_accum) + micro * (world_size * micro_batch)
+        + rank * micro_batch + b,
+so one global batch holds the same sequences whatever the split into workers and
+accumulation. Train sequences are visited in a fresh permutation per epoch, seeded by
+(seed, epoch); val sequences in order. MLM masks are drawn from an RNG seeded by (seed, g), so
+they do not depend on the worker layout either. `labels` is -100 where there is no target.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from .shards import Manifest, load_manifest, open_split
+from .sources import DataError
+from .tokenizer import Kind
+
+__all__ = ["IGNORE_INDEX", "Batches"]
+
+IGNORE_INDEX = -100  # the default ignore_index of torch.nn.functional.cross_entropy
+MIN_SEQ_LEN = DataConfig.model_fields["seq_len"].metadata[0].ge
+
+
+class Batches:
+    """The sequences of one split of prepared data, served by (step, micro-batch, rank)."""
+
+    def __init__(
+        self, config: DataConfig, kind: Kind, split: Literal["train", "val"], seed: int
+    ) -> None:
+        self.config, self.kind, self.split, self.seed = config, kind, split, seed
+        self.manifest: Manifest = load_manifest(config.path)
+        if self.manifest.kind != kind:
+            raise DataError(
+                f"{config.path} was prepared for {self.manifest.kind}, not {kind}; "
+                f"prepare it again with --kind {kind}"
+            )
+        self._shards = open_split(config.path, split, self.manifest)
+        seq_len = config.seq_len
+        # _span: stream tokens per sequence; _stride: distance between consecutive sequences.
+        if kind == "bert":  # [CLS] + seq_len - 1 stream tokens
+            self._span = self._stride = seq_len - 1
+        else:  # seq_len + 1 tokens: the inputs and, shifted by one, the labels
+            self._span, self._stride = seq_len + 1, seq_len
+        counts = [max(0, (len(s) - self._span) // self._stride + 1) for s in self._shards]
+        self._first = np.cumsum([0, *counts])  # index of each shard's first sequence
+        self.n_sequences = int(self._first[-1])
+        if self.n_sequences == 0:
+            raise DataError(self._too_short())
+        special = sorted(set(self.manifest.special_ids.values()))
+        self._special = np.array(special)
+        self._ordinary = np.setdiff1d(np.arange(self.vocab_size), self._special)
+        self._epoch, self._order = -1, np.arange(0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    @property
+    def tokenizer_path(self) -> str:
+        """Where the data's `tokenizer.json` is (a local path or a URI, like `config.path`)."""
+        return f"{self.config.path.rstrip('/')}/{self.manifest.tokenizer}"
+
+    def batch(
+        self,
+        step: int,
+        micro: int,
+        *,
+        micro_batch: int,
+        grad_accum: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> dict[str, torch.Tensor]:
+        """`input_ids` and `labels`, both (micro_batch, seq_len) int64, for this worker."""
+        if step < 0 or micro_batch < 1 or not (0 <= micro < grad_accum and 0 <= rank < world_size):
+            raise ValueError(
+                f"need step >= 0, micro_batch >= 1, 0 <= micro < grad_accum, 0 <= rank < "
+                f"world_size; got step={step} micro={micro} micro_batch={micro_batch} "
+                f"grad_accum={grad_accum} rank={rank} world_size={world_size}"
+            )
+        first = (
+            step * world_size * micro_batch * grad_accum
+            + micro * world_size * micro_batch
+            + rank * micro_batch
+        )
+        samples = range(first, first + micro_batch)
+        windows = np.stack([self._window(self._sequence(g)) for g in samples]).astype(np.int64)
+        if self.kind == "gpt":
+            input_ids, labels = windows[:, :-1], windows[:, 1:]
+        else:
+            input_ids, labels = self._mask(windows, samples)
+        return {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(input_ids)),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels)),
+        }
+
+    def _sequence(self, g: int) -> int:
+        """Which sequence global sample `g` reads."""
+        epoch, i = divmod(g, self.n_sequences)
+        if self.split == "val":
+            return i
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._order = epoch, rng.permutation(self.n_sequences)
+        return int(self._order[i])
+
+    def _window(self, sequence: int) -> np.ndarray:
+        shard = int(np.searchsorted(self._first, sequence, side="right")) - 1
+        start = (sequence - int(self._first[shard])) * self._stride
+        return self._shards[shard][start : start + self._span]
+
+    def _mask(self, windows: np.ndarray, samples: range) -> tuple[np.ndarray, np.ndarray]:
+        """Prefix `[CLS]` and mask: returns (input_ids, labels), each (B, T)."""
+        ids = self.manifest.special_ids
+        input_ids = np.concatenate([np.full((len(windows), 1), ids["cls"]), windows], axis=1)
+        labels = np.full_like(input_ids, IGNORE_INDEX)
+        maskable = ~np.isin(input_ids, self._special)
+        for b, g in enumerate(samples):
+            rng = np.random.default_rng([self.seed, g])
+            chosen = maskable[b] & (rng.random(input_ids.shape[1]) < self.config.mlm_probability)
+            if not chosen.any() and maskable[b].any():  # every sample gets a target
+                chosen[rng.choice(np.flatnonzero(maskable[b]))] = True
+            labels[b, chosen] = input_ids[b, chosen]
+            action = rng.random(input_ids.shape[1])
+            input_ids[b, chosen & (action < 0.8)] = ids["mask"]
+            replace = chosen & (action >= 0.8) & (action < 0.9)
+            input_ids[b, replace] = rng.choice(self._ordinary, size=int(replace.sum()))
+        return input_ids, labels
+
+    def _too_short(self) -> str:
+        tokens = sum(len(s) for s in self._shards)
+        longest = max((len(s) for s in self._shards), default=0)
+        # bert needs seq_len - 1 stream tokens in one shard, gpt seq_len + 1.
+        largest = longest + 1 if self.kind == "bert" else longest - 1
+        advice = (
+            f"the largest seq_len that works is {largest}"
+            if largest >= MIN_SEQ_LEN
+            else "prepare more data (or a larger --val-fraction for val)"
+        )
+        return (
+            f"{self.config.path}: the {self.split} split has {tokens} tokens (longest shard "
+            f"{longest}), too few for one sequence of seq_len {self.config.seq_len}; {advice}"
+        )

@@ -1,0 +1,324 @@
+"""Prepared data on disk: tokenize sources into Arrow shards with a manifest, and read them back.
+
+`prepare` (what `python -m apollo_ray.data prepare` runs) makes two passes over the corpus:
+the first trains the tokenizer (or, with a given tokenizer, only counts documents), the second
+encodes. Each split (`train`, `val`) is one token stream, documents concatenated with a
+separator after each (`[SEP]` for bert, `<|endoftext|>` for gpt), cut into Arrow IPC files of
+`shard_tokens` tokens:
+
+    out_dir/
+      tokenizer.json
+      train-00000.arrow, train-00001.arrow, ...   one uint16/uint32 column `tokens`,
+      val-00000.arrow                             one contiguous record batch per file
+      manifest.json                               written last: its presence means complete
+
+Readers memory-map local shards (zero-copy, read-only numpy views) and load shards behind a
+`pyarrow.fs` URI (`s3://`, `gs://`, `file://`, ...) into memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.ipc
+from pydantic import BaseModel, ConfigDict
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from .sources import DataError, Source, iter_documents, resolve_source
+from .tokenizer import SEPARATOR, Kind, load_tokenizer, special_ids, train_tokenizer
+
+__all__ = [
+    "MANIFEST",
+    "Manifest",
+    "ShardInfo",
+    "SplitInfo",
+    "load_manifest",
+    "open_split",
+    "prepare",
+    "val_documents",
+]
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+ENCODE_BATCH = 512  # documents per `encode_batch` call (it encodes in parallel)
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    tokens: int
+
+
+class SplitInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    documents: int
+    tokens: int
+    shards: list[ShardInfo]
+
+
+class Manifest(BaseModel):
+    """`manifest.json`: what was prepared, from what, and where each split's tokens are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1] = FORMAT_VERSION
+    kind: Kind
+    tokenizer: str = TOKENIZER
+    vocab_size: int
+    special_ids: dict[str, int]
+    dtype: Literal["uint16", "uint32"]
+    splits: dict[Literal["train", "val"], SplitInfo]
+    sources: list[str]
+    seed: int
+    val_fraction: float
+
+
+def prepare(
+    sources: Sequence[str],
+    out_dir: str | Path,
+    kind: Kind,
+    *,
+    tokenizer: str | Path | None = None,
+    vocab_size: int = 8192,
+    text_column: str = "text",
+    split: str = "train",
+    val_fraction: float = 0.01,
+    shard_tokens: int = 16_000_000,
+    seed: int = 0,
+    max_documents: int | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Tokenize `sources` into `out_dir` and return the manifest written there.
+
+    `tokenizer` is a `tokenizer.json` to use as is; without it one is trained (`vocab_size`).
+    About `val_fraction` of the documents, chosen by a hash of (seed, document index), form the
+    val split (at least one when there are two or more documents and `val_fraction` > 0).
+    """
+    if not sources:
+        raise DataError("no sources given")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1 or vocab_size < 8 or (max_documents is not None and max_documents < 1):
+        raise DataError("shard_tokens and max_documents must be >= 1 and vocab_size >= 8")
+    out = Path(out_dir)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise DataError(f"{out} already holds prepared data ({MANIFEST}); pass --overwrite")
+    resolved = [resolve_source(s, text_column=text_column, split=split) for s in sources]
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer, kind)
+        n_docs = sum(1 for _ in _progress(resolved, max_documents, "counting documents"))
+    else:
+        counter = _Counter(_progress(resolved, max_documents, "training tokenizer"))
+        tok = train_tokenizer(counter, kind, vocab_size)
+        n_docs = counter.count
+    if n_docs == 0:
+        raise DataError(f"no non-empty document in {list(sources)}")
+    _clear(out)
+    tok.save(str(out / TOKENIZER))
+    is_val = val_documents(n_docs, seed, val_fraction)
+    splits = _write_splits(resolved, out, tok, kind, is_val, shard_tokens, max_documents)
+    manifest = Manifest(
+        kind=kind,
+        vocab_size=tok.get_vocab_size(),
+        special_ids=special_ids(tok, kind),
+        dtype=_dtype(tok.get_vocab_size()),
+        splits=splits,
+        sources=list(sources),
+        seed=seed,
+        val_fraction=val_fraction,
+    )
+    _write_atomically(out / MANIFEST, manifest.model_dump_json(indent=2))
+    return manifest
+
+
+def val_documents(n: int, seed: int, val_fraction: float) -> np.ndarray:
+    """Boolean mask over document indices 0..n-1: True where the document belongs to val."""
+    u = _uniform(np.arange(n, dtype=np.uint64), seed)
+    is_val = u < val_fraction
+    if val_fraction > 0 and n >= 2 and not is_val.any():
+        is_val[np.argmin(u)] = True
+    if n and is_val.all():  # train keeps at least one document
+        is_val[np.argmax(u)] = False
+    return is_val
+
+
+def _uniform(index: np.ndarray, seed: int) -> np.ndarray:
+    """Output `index` of a splitmix64 generator seeded with `seed`, mapped to [0, 1)."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed % 2**64) + (index + np.uint64(1)) * golden
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+class _Counter:
+    """Passes documents through and counts them (the tokenizer trainer consumes the iterator)."""
+
+    def __init__(self, documents: Iterator[str]) -> None:
+        self.documents, self.count = documents, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for doc in self.documents:
+            self.count += 1
+            yield doc
+
+
+def _progress(sources: list[Source], max_documents: int | None, what: str) -> Iterator[str]:
+    return tqdm(iter_documents(sources, max_documents), what, max_documents, unit=" docs")
+
+
+def _dtype(vocab_size: int) -> Literal["uint16", "uint32"]:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def _clear(out: Path) -> None:
+    """Make `out` ready for writing: create it, or remove an earlier preparation's files."""
+    out.mkdir(parents=True, exist_ok=True)
+    # The manifest goes first, so a crash from here on never looks like a complete preparation.
+    for stale in [out / MANIFEST, *out.glob("train-*.arrow"), *out.glob("val-*.arrow")]:
+        stale.unlink(missing_ok=True)
+
+
+def _write_splits(
+    sources: list[Source],
+    out: Path,
+    tok: Tokenizer,
+    kind: Kind,
+    is_val: np.ndarray,
+    shard_tokens: int,
+    max_documents: int | None,
+) -> dict[Literal["train", "val"], SplitInfo]:
+    """Second pass: encode every document and append it (plus separator) to its split."""
+    dtype = np.dtype(_dtype(tok.get_vocab_size()))
+    separator = special_ids(tok, kind)[SEPARATOR[kind]]
+    writers = {name: _ShardWriter(out, name, shard_tokens) for name in SPLITS}
+    tok.encode_special_tokens = True  # "[SEP]" inside a text is text, not a separator
+    documents = iter_documents(sources, max_documents)
+    bar = tqdm(desc="tokenizing", unit=" docs", total=len(is_val))
+    index = 0
+    while batch := list(islice(documents, ENCODE_BATCH)):
+        for encoding in tok.encode_batch(batch, add_special_tokens=False):
+            ids = np.array([*encoding.ids, separator], dtype=dtype)
+            writers["val" if is_val[index] else "train"].append(ids)
+            index += 1
+        bar.update(len(batch))
+        bar.set_postfix(
+            tokens=sum(w.tokens for w in writers.values()),
+            shards=sum(len(w.shards) for w in writers.values()),
+        )
+    bar.close()
+    return {name: writer.close() for name, writer in writers.items()}
+
+
+class _ShardWriter:
+    """Appends token arrays to one split and writes a shard file each `shard_tokens` tokens."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int) -> None:
+        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.tokens = self.documents = 0
+        self.shards: list[ShardInfo] = []
+
+    def append(self, ids: np.ndarray) -> None:
+        self.pending.append(ids)
+        self.pending_tokens += len(ids)
+        self.tokens += len(ids)
+        self.documents += 1
+        while self.pending_tokens >= self.shard_tokens:
+            stream = np.concatenate(self.pending)
+            self._write(stream[: self.shard_tokens])
+            rest = stream[self.shard_tokens :]
+            self.pending, self.pending_tokens = [rest], len(rest)
+
+    def close(self) -> SplitInfo:
+        if self.pending_tokens:
+            self._write(np.concatenate(self.pending))
+        self.pending, self.pending_tokens = [], 0
+        return SplitInfo(documents=self.documents, tokens=self.tokens, shards=self.shards)
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.arrow"
+        batch = pa.record_batch([pa.array(tokens)], names=["tokens"])
+        # One record batch per file, so a memory map sees one contiguous array.
+        with pa.ipc.new_file(str(self.out / name), batch.schema) as writer:
+            writer.write_batch(batch)
+        self.shards.append(ShardInfo(file=name, tokens=len(tokens)))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def load_manifest(location: str | Path) -> Manifest:
+    """The manifest of prepared data at a local directory or a `pyarrow.fs` URI."""
+    try:
+        if _is_uri(location):
+            fs, root = pyarrow.fs.FileSystem.from_uri(str(location))
+            with fs.open_input_stream(f"{root.rstrip('/')}/{MANIFEST}") as f:
+                text = f.read().decode()
+        else:
+            text = (Path(location) / MANIFEST).read_text()
+    except OSError:
+        raise DataError(
+            f"{location}: no {MANIFEST}, so no prepared data here; "
+            "run `python -m apollo_ray.data prepare` first"
+        ) from None
+    try:
+        return Manifest.model_validate(json.loads(text))
+    except ValueError as e:
+        raise DataError(f"{location}/{MANIFEST}: not a valid manifest: {e}") from None
+
+
+def open_split(
+    location: str | Path, split: Literal["train", "val"], manifest: Manifest | None = None
+) -> list[np.ndarray]:
+    """The token stream of `split` as one read-only numpy array per shard.
+
+    Local shards are memory-mapped (no copy, nothing read until used); shards behind a URI are
+    read into memory.
+    """
+    manifest = manifest or load_manifest(location)
+    arrays = []
+    for shard in manifest.splits[split].shards:
+        batch = pa.ipc.open_file(_open_shard(location, shard.file)).get_batch(0)
+        array = batch.column(0).to_numpy(zero_copy_only=True)
+        if len(array) != shard.tokens or array.dtype != manifest.dtype:
+            raise DataError(f"{location}/{shard.file}: does not match {MANIFEST}; prepare again")
+        arrays.append(array)
+    return arrays
+
+
+def _open_shard(location: str | Path, name: str) -> pa.NativeFile:
+    try:
+        if not _is_uri(location):
+            return pa.memory_map(str(Path(location) / name), "r")
+        fs, root = pyarrow.fs.FileSystem.from_uri(str(location))
+        with fs.open_input_file(f"{root.rstrip('/')}/{name}") as f:
+            return pa.BufferReader(f.read_buffer())
+    except OSError as e:
+        raise DataError(f"{location}/{name}: cannot read the shard ({e}); prepare again") from None
