@@ -1,0 +1,312 @@
+"""The training loop on one process: AdamW, warmup + decay, accumulation, clipping, evaluation,
+FLOPs counted from what ran, and checkpoints that resume bit-identically.
+
+`Trainer(cfg).fit()` is the whole job; `python -m apollo_ray.train RUN.yaml` is its command line.
+A `TrainState` (step, tokens, FLOPs, wall time, RNG state) is saved with the model and the
+optimizer; batches are a pure function of (seed, step, micro-batch), so the data cursor is the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from apollo_ray.config import ConfigError, RunConfig, TrainConfig
+from apollo_ray.data import Batches
+from apollo_ray.model import TransformerLM, flops_per_microbatch
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "NonFiniteLossError",
+    "TrainState",
+    "Trainer",
+    "build_optimizer",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "lr_at",
+]
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before the weights are touched."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides model and optimizer that a resumed run needs."""
+
+    step: int = 0
+    tokens: int = 0
+    flops: int = 0
+    wall_time: float = 0.0
+    eval_loss: float | None = None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then cosine or linear decay."""
+    warmup = round(cfg.warmup * cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (BERT/GPT-2: no decay on biases and norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=False)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast where asked for (or `auto` on a GPU with bf16), otherwise plain fp32."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" or (precision == "auto" and bf16_ok):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely (`weights_only=True`: tensors and plain Python types only)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an apollo_ray checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+class MetricsLog:
+    """Metrics as JSON lines. On resume, rows after the checkpoint's step are dropped so that the
+    file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        rows = []
+        if resume_step and path.exists():
+            rows = [
+                r
+                for r in map(json.loads, path.read_text().splitlines())
+                if r["step"] <= resume_step
+            ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self._file = path.open("a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Trainer:
+    """Builds model, optimizer and data from a `RunConfig` and trains it, resuming if the run
+    directory already holds a checkpoint."""
+
+    def __init__(self, cfg: RunConfig, device: str | None = None, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.progress = progress
+        self.run_dir = cfg.output_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        torch.manual_seed(cfg.seed)
+        self.train_data = Batches(cfg.data, cfg.model.kind, "train", cfg.seed)
+        self.val_data = Batches(cfg.data, cfg.model.kind, "val", cfg.seed)
+        self.model_cfg = self._model_config()
+        self.model = TransformerLM(self.model_cfg).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.state = TrainState()
+        self.autocast = autocast_for(cfg.train.precision, self.device)
+        self._resume()
+
+    def _model_config(self):
+        vocab = self.train_data.vocab_size
+        if self.cfg.model.vocab_size is None:
+            return self.cfg.model.model_copy(update={"vocab_size": vocab})
+        if self.cfg.model.vocab_size < vocab:
+            raise ConfigError(
+                f"model.vocab_size ({self.cfg.model.vocab_size}) is smaller than the tokenizer's "
+                f"vocabulary ({vocab}); leave it unset to take it from the data"
+            )
+        return self.cfg.model
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return
+        ckpt = load_checkpoint(path)
+        if ckpt["model_config"] != self.model_cfg.model_dump():
+            raise ConfigError(
+                f"{self.run_dir} holds a checkpoint of a different model; "
+                "use another `name`/`out_dir` or remove the old run"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = TrainState(**ckpt["state"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if self.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+
+    @property
+    def full_plan(self) -> list[int]:
+        return list(range(self.model_cfg.n_layer))
+
+    def fit(self) -> TrainState:
+        """Train until `train.steps`, evaluating and checkpointing on the configured cadence."""
+        cfg = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+        log = MetricsLog(self.run_dir / "metrics.jsonl", self.state.step)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.state.step,
+            desc=self.cfg.name,
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            if self.state.step == 0:  # the curve starts at the untrained model
+                self.state.eval_loss = self.evaluate()
+                log.write({"step": 0, "tokens": 0, "flops": 0, "wall_time": 0.0,
+                           "eval_loss": self.state.eval_loss})
+            while self.state.step < cfg.steps:
+                row = self.train_step()
+                step = self.state.step
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    row["eval_loss"] = self.state.eval_loss = self.evaluate()
+                if step % cfg.log_every == 0 or "eval_loss" in row or step == cfg.steps:
+                    log.write(row)
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    self.save_checkpoint()
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}",
+                    eval=_fmt(self.state.eval_loss),
+                    tok_s=f"{row['tokens_per_s']:.0f}",
+                )
+        finally:
+            bar.close()
+            log.close()
+        return self.state
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches; returns the metrics row."""
+        cfg, state = self.cfg.train, self.state
+        t0 = time.perf_counter()
+        lr = lr_at(state.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = 0.0
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            batch = self.train_data.batch(
+                state.step, micro, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum
+            )
+            input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            with self.autocast:
+                _, loss = self.model(input_ids, labels, plan=self.full_plan)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+            tokens += input_ids.numel()
+            state.flops += flops_per_microbatch(
+                self.model_cfg, *input_ids.shape, len(self.full_plan)
+            )
+        loss = loss_sum / cfg.grad_accum
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {state.step}; the last checkpoint in {self.ckpt_dir} "
+                "and the metrics written so far are intact"
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        state.step += 1
+        state.tokens += tokens
+        state.wall_time += dt
+        return {
+            "step": state.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": state.tokens,
+            "flops": state.flops,
+            "wall_time": state.wall_time,
+            "tokens_per_s": tokens / dt,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per predicted token over the first `eval_batches` validation micro-batches,
+        at full depth."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(self.cfg.train.eval_batches):
+            batch = self.val_data.batch(i, 0, micro_batch=self.cfg.train.micro_batch)
+            labels = batch["labels"].to(self.device)
+            with self.autocast:
+                _, loss = self.model(
+                    batch["input_ids"].to(self.device), labels, plan=self.full_plan
+                )
+            n = int((labels != -100).sum())
+            total += loss.item() * n
+            count += n
+        return total / count
+
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step-XXXXXXX.pt` atomically and keep the newest `keep_checkpoints`."""
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = self.ckpt_dir / f"step-{self.state.step:07d}.pt"
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": asdict(self.state),
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device)
+                if self.device.type == "cuda"
+                else None,
+            },
+            "model_config": self.model_cfg.model_dump(),
+            "plan": self.full_plan,
+            "tokenizer_json": self.train_data.tokenizer_path,
+            "run_config": self.cfg.model_dump(mode="json"),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+        for old in sorted(self.ckpt_dir.glob("step-*.pt"))[: -self.cfg.train.keep_checkpoints]:
+            old.unlink()
+        return path
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
