@@ -189,8 +189,15 @@ class Trainer:
         try:
             if self.state.step == 0:  # the curve starts at the untrained model
                 self.state.eval_loss = self.evaluate()
-                log.write({"step": 0, "tokens": 0, "flops": 0, "wall_time": 0.0,
-                           "eval_loss": self.state.eval_loss})
+                log.write(
+                    {
+                        "step": 0,
+                        "tokens": 0,
+                        "flops": 0,
+                        "wall_time": 0.0,
+                        "eval_loss": self.state.eval_loss,
+                    }
+                )
             while self.state.step < cfg.steps:
                 row = self.train_step()
                 step = self.state.step
