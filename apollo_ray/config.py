@@ -7,6 +7,7 @@ loop). Errors name the YAML path of the bad field, the value given and what is a
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "RunConfig",
+    "ScheduleConfig",
     "TrainConfig",
     "format_validation_error",
     "load_run_config",
@@ -108,6 +110,79 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1, description="write train metrics every this many steps")
 
 
+class ScheduleConfig(Strict):
+    """The progressive schedule (APOLLO.md). Default: the released Apollo recipe for L = 12.
+
+    Stage s owns `depths[s]` physical layers and ends at `stage_ends[s]` of the step budget; each
+    micro-batch runs a depth drawn by `sampler` through a `plan` that shares the physical layers;
+    at a stage end the layers grow with `growth`. `depths: [L]` (one stage) trains from scratch.
+    """
+
+    depths: list[int] = Field(
+        [1, 3, 6, 12],
+        min_length=1,
+        description="physical layers per stage; the last is model.n_layer",
+    )
+    stage_ends: list[float] = Field(
+        [0.05, 0.10, 0.25],
+        description="end of each stage but the last, as a fraction of train.steps",
+    )
+    sampler: Literal["apollo", "lvps", "uniform", "full", "physical"] = Field(
+        "apollo",
+        description="depth per micro-batch: apollo = released LVPS; lvps = tempered LVPS (tau); "
+        "uniform over [N, L]; full = always L; physical = always N (no sharing, e.g. StackBERT)",
+    )
+    tau: float | None = Field(
+        None,
+        gt=0,
+        description="LVPS temperature (sampler: lvps); ~0.52 is closest to the released LVPS",
+    )
+    plan: Literal["interp", "stack"] = Field(
+        "interp",
+        description="how N layers make depth d: interp = consecutive repeats (Apollo), "
+        "stack = cyclic (StackBERT-like)",
+    )
+    growth: Literal["interpolate", "stack", "random"] = Field(
+        "interpolate",
+        description="growth operator at a stage end: interpolate (Apollo), "
+        "stack (StackBERT: copy the block on top), random (new layers freshly initialised)",
+    )
+    alpha: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="interpolation coefficient: 0 = copy "
+        "(function-preserving), >0 blends the two neighbouring old layers",
+    )
+    noise: float = Field(
+        0.0,
+        ge=0.0,
+        description="std of Gaussian noise added to grown weights, relative to each tensor's std",
+    )
+    optimizer_state: Literal["fresh", "copy"] = Field(
+        "fresh",
+        description="AdamW moments of grown layers: fresh = start empty (released), "
+        "copy = carried with the weights",
+    )
+    rewarmup_steps: int = Field(0, ge=0, description="linear LR re-warmup after each growth")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScheduleConfig:
+        if any(b <= a for a, b in itertools.pairwise(self.depths)):
+            raise ValueError(f"depths must be strictly increasing, got {self.depths}")
+        if len(self.stage_ends) != len(self.depths) - 1:
+            raise ValueError(
+                f"stage_ends needs one entry per stage but the last: {len(self.depths) - 1} for "
+                f"depths {self.depths}, got {len(self.stage_ends)}"
+            )
+        ends = self.stage_ends
+        if any(not 0 < e < 1 for e in ends) or any(b <= a for a, b in itertools.pairwise(ends)):
+            raise ValueError(f"stage_ends must increase strictly within (0, 1), got {ends}")
+        if self.sampler == "lvps" and self.tau is None:
+            raise ValueError("sampler lvps needs a temperature: set schedule.tau (e.g. 0.52)")
+        return self
+
+
 class RunConfig(Strict):
     """One training run: `python -m apollo_ray.train RUN.yaml`."""
 
@@ -117,9 +192,17 @@ class RunConfig(Strict):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    schedule: ScheduleConfig | None = Field(
+        None, description="progressive schedule; omit to train from scratch at full depth"
+    )
 
     @model_validator(mode="after")
-    def _seq_fits_model(self) -> RunConfig:
+    def _fits_model(self) -> RunConfig:
+        if self.schedule is not None and self.schedule.depths[-1] != self.model.n_layer:
+            raise ValueError(
+                f"schedule.depths must end at model.n_layer ({self.model.n_layer}), "
+                f"got {self.schedule.depths}"
+            )
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) is larger than model.max_seq_len "

@@ -49,6 +49,36 @@ def test_bad_config_names_field_and_allowed(tmp_path, patch, expected):
         assert text in str(err.value)
 
 
+APOLLO = {**GOOD, "model": {**GOOD["model"], "n_layer": 6}}
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ({"depths": [1, 3, 6], "stage_ends": [0.3, 0.2]}, ["increase strictly within (0, 1)"]),
+        ({"depths": [1, 3, 6], "stage_ends": [0.1]}, ["one entry per stage but the last"]),
+        ({"depths": [1, 3, 12], "stage_ends": [0.1, 0.2]}, ["must end at model.n_layer (6)"]),
+        ({"depths": [3, 1, 6], "stage_ends": [0.1, 0.2]}, ["strictly increasing"]),
+        ({"depths": [1, 6], "stage_ends": [0.1], "alpha": 1.5}, ["schedule.alpha", "1.5"]),
+        ({"depths": [1, 6], "stage_ends": [0.1], "sampler": "lvps"}, ["schedule.tau"]),
+        ({"depths": [1, 6], "stage_ends": [0.1], "growth": "magic"}, ["'interpolate', 'stack'"]),
+    ],
+)
+def test_bad_schedule(tmp_path, schedule, expected):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(write(tmp_path, {**APOLLO, "schedule": schedule}))
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_released_recipe_is_the_schedule_default(tmp_path):
+    cfg = load_run_config(
+        write(tmp_path, {**GOOD, "model": {**GOOD["model"], "n_layer": 12}, "schedule": {}})
+    )
+    assert cfg.schedule.depths == [1, 3, 6, 12] and cfg.schedule.stage_ends == [0.05, 0.10, 0.25]
+    assert cfg.schedule.sampler == "apollo" and cfg.schedule.alpha == 0.0
+
+
 def test_missing_and_non_mapping_files(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_run_config(tmp_path / "nope.yaml")
