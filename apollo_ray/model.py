@@ -138,14 +138,19 @@ class TransformerLM(nn.Module):
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.ln_emb = nn.LayerNorm(cfg.d_model, eps=cfg.eps) if bert else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
-        block = BertLayer if bert else GPTBlock
-        self.layers = nn.ModuleList(block(cfg) for _ in range(n_physical))
         self.head = MLMHead(cfg) if bert else LMHead(cfg)
         self.apply(_init_normal)
-        if not bert:  # GPT-2: scale residual projections by 1/sqrt(2 L), L = full depth
-            for name, p in self.layers.named_parameters():
+        self.layers = nn.ModuleList(self.new_layer() for _ in range(n_physical))
+
+    def new_layer(self) -> nn.Module:
+        """A freshly initialised physical layer (also what `random` growth adds)."""
+        layer = (BertLayer if self.cfg.kind == "bert" else GPTBlock)(self.cfg)
+        layer.apply(_init_normal)
+        if self.cfg.kind == "gpt":  # GPT-2: residual projections std 0.02/sqrt(2 L), L = full depth
+            for name, p in layer.named_parameters():
                 if name.endswith("proj.weight"):
-                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+        return layer.to(self.wte.weight.device)
 
     def forward(
         self,
