@@ -1,9 +1,11 @@
-"""The training loop on one process: AdamW, warmup + decay, accumulation, clipping, evaluation,
-FLOPs counted from what ran, and checkpoints that resume bit-identically.
+"""The training loop on one process: the progressive schedule (stages, sampled depths, growth),
+AdamW with warmup + decay, accumulation, clipping, evaluation at full depth, FLOPs counted from
+what ran, and checkpoints that resume bit-identically.
 
 `Trainer(cfg).fit()` is the whole job; `python -m apollo_ray.train RUN.yaml` is its command line.
-A `TrainState` (step, tokens, FLOPs, wall time, RNG state) is saved with the model and the
-optimizer; batches are a pure function of (seed, step, micro-batch), so the data cursor is the step.
+A `TrainState` (step, tokens, FLOPs, wall time) is saved with the model, the optimizer and the
+RNG state. Batches, depths and plans are pure functions of (seed, step, micro-batch), so the step
+is the data and sampler cursor, and growth is seeded by (seed, stage).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from tqdm.auto import tqdm
 
 from apollo_ray.config import ConfigError, RunConfig, TrainConfig
 from apollo_ray.data import Batches
+from apollo_ray.growth import grow, make_growth
 from apollo_ray.model import TransformerLM, flops_per_microbatch
+from apollo_ray.schedule import Schedule
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -30,6 +34,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "build_optimizer",
+    "checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
     "lr_at",
@@ -83,8 +88,23 @@ def autocast_for(precision: str, device: torch.device):
     return nullcontext()
 
 
+# Checkpoint files: step-0000150.pt (periodic), step-0000150.pre-growth.pt and
+# step-0000150.post-growth.pt (stage boundary, before and after growing the layers).
+TAGS = ("", ".pre-growth", ".post-growth")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """A run's checkpoints, oldest first (at one step: periodic, pre-growth, post-growth)."""
+
+    def key(path: Path) -> tuple[int, int]:
+        step, _, tag = path.name.removesuffix(".pt").partition(".")
+        return int(step.removeprefix("step-")), TAGS.index(f".{tag}" if tag else "")
+
+    return sorted((run_dir / "checkpoints").glob("step-*.pt"), key=key)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    ckpts = checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
 
@@ -97,17 +117,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """Metrics as JSON lines. On resume, rows after the checkpoint's step are dropped so that the
-    file reads as one uninterrupted run."""
+    """Metrics as JSON lines. On resume, rows the checkpoint does not cover (a later step, or a
+    growth that happened after a pre-growth checkpoint) are dropped, so the file reads as one
+    uninterrupted run."""
 
-    def __init__(self, path: Path, resume_step: int) -> None:
+    def __init__(self, path: Path, resume_step: int, n_physical: int) -> None:
         self.path = path
         rows = []
         if resume_step and path.exists():
             rows = [
                 r
                 for r in map(json.loads, path.read_text().splitlines())
-                if r["step"] <= resume_step
+                if r["step"] < resume_step
+                or (r["step"] == resume_step and r.get("n_physical", 0) <= n_physical)
             ]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self._file = path.open("a")
@@ -134,11 +156,17 @@ class Trainer:
         self.train_data = Batches(cfg.data, cfg.model.kind, "train", cfg.seed)
         self.val_data = Batches(cfg.data, cfg.model.kind, "val", cfg.seed)
         self.model_cfg = self._model_config()
-        self.model = TransformerLM(self.model_cfg).to(self.device)
+        self.schedule = Schedule(cfg.schedule, cfg.model.n_layer, cfg.train.steps, cfg.seed)
+        self.growth = make_growth(self.schedule.cfg)
+        path = latest_checkpoint(self.run_dir)
+        ckpt = load_checkpoint(path) if path else None
+        n_physical = ckpt["n_physical"] if ckpt else self.schedule.depths[0]
+        self.model = TransformerLM(self.model_cfg, n_physical).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.state = TrainState()
         self.autocast = autocast_for(cfg.train.precision, self.device)
-        self._resume()
+        if ckpt:
+            self._restore(ckpt)
 
     def _model_config(self):
         vocab = self.train_data.vocab_size
@@ -151,15 +179,13 @@ class Trainer:
             )
         return self.cfg.model
 
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            return
-        ckpt = load_checkpoint(path)
-        if ckpt["model_config"] != self.model_cfg.model_dump():
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        saved, now = ckpt["run_config"], self.cfg.model_dump(mode="json")
+        changed = sorted(k for k in now.keys() - {"name", "out_dir"} if saved.get(k) != now[k])
+        if changed:
             raise ConfigError(
-                f"{self.run_dir} holds a checkpoint of a different model; "
-                "use another `name`/`out_dir` or remove the old run"
+                f"{self.run_dir} holds checkpoints of a run with different {', '.join(changed)}; "
+                "resuming would mix two runs: use another `name`/`out_dir` or remove the old run"
             )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -169,15 +195,16 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
 
     @property
-    def full_plan(self) -> list[int]:
-        return list(range(self.model_cfg.n_layer))
+    def eval_plan(self) -> list[int]:
+        """The full-depth plan of the current physical layers (what evaluation and export run)."""
+        return self.schedule.eval_plan(len(self.model.layers))
 
     def fit(self) -> TrainState:
         """Train until `train.steps`, evaluating and checkpointing on the configured cadence."""
         cfg = self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=2))
-        log = MetricsLog(self.run_dir / "metrics.jsonl", self.state.step)
+        log = MetricsLog(self.run_dir / "metrics.jsonl", self.state.step, len(self.model.layers))
         bar = tqdm(
             total=cfg.steps,
             initial=self.state.step,
@@ -199,6 +226,8 @@ class Trainer:
                     }
                 )
             while self.state.step < cfg.steps:
+                if self.schedule.n_physical(self.state.step) > len(self.model.layers):
+                    log.write(self.grow())
                 row = self.train_step()
                 step = self.state.step
                 if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -209,6 +238,7 @@ class Trainer:
                     self.save_checkpoint()
                 bar.update(1)
                 bar.set_postfix(
+                    N=row["n_physical"],
                     loss=f"{row['loss']:.3f}",
                     eval=_fmt(self.state.eval_loss),
                     tok_s=f"{row['tokens_per_s']:.0f}",
@@ -218,30 +248,82 @@ class Trainer:
             log.close()
         return self.state
 
+    def grow(self) -> dict[str, Any]:
+        """Grow the layers to the current stage's N, with checkpoints before and after, and
+        return a metrics row with the eval loss on both sides (equal when growth preserves the
+        function). Growth time counts as training wall time; evaluation and saving do not."""
+        state, sched = self.state, self.schedule.cfg
+        n_old, n_new = len(self.model.layers), self.schedule.n_physical(state.step)
+        before = self.evaluate()
+        self.save_checkpoint(".pre-growth")
+        t0 = time.perf_counter()
+        stage = self.schedule.stage_at(state.step)
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + stage)
+        with torch.random.fork_rng(devices=[]):  # fresh layers must not shift the dropout RNG
+            torch.manual_seed(self.cfg.seed * 1000 + stage)
+            self.optimizer = grow(
+                self.model,
+                self.optimizer,
+                self.growth,
+                n_new,
+                lambda m: build_optimizer(m, self.cfg.train),
+                sched.optimizer_state,
+                generator,
+            )
+        state.wall_time += time.perf_counter() - t0
+        after = self.evaluate()
+        self.save_checkpoint(".post-growth")
+        return {
+            "step": state.step,
+            "event": "growth",
+            "stage": stage,
+            "n_from": n_old,
+            "n_physical": n_new,
+            "eval_loss_before": before,
+            "eval_loss_after": after,
+            "flops": state.flops,
+            "wall_time": state.wall_time,
+            "tokens": state.tokens,
+        }
+
+    def lr(self, step: int) -> float:
+        """Global schedule, times a linear re-warmup after the last growth if configured."""
+        lr = lr_at(step, self.cfg.train)
+        warm, stage = self.schedule.cfg.rewarmup_steps, self.schedule.stage_at(step)
+        if warm and stage > 0:
+            lr *= min(1.0, (step - self.schedule.starts[stage - 1] + 1) / warm)
+        return lr
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `grad_accum` micro-batches; returns the metrics row."""
         cfg, state = self.cfg.train, self.state
         t0 = time.perf_counter()
-        lr = lr_at(state.step, cfg)
+        lr = self.lr(state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         loss_sum = 0.0
         tokens = 0
+        depths = []
         for micro in range(cfg.grad_accum):
+            where = self.schedule.step(state.step, micro)
+            if where.n_physical != len(self.model.layers):
+                raise RuntimeError(
+                    f"step {state.step} is in stage {where.stage} (N={where.n_physical}) but the "
+                    f"model has {len(self.model.layers)} layers; grow() first"
+                )
             batch = self.train_data.batch(
                 state.step, micro, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum
             )
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             with self.autocast:
-                _, loss = self.model(input_ids, labels, plan=self.full_plan)
+                _, loss = self.model(input_ids, labels, plan=where.plan)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
             tokens += input_ids.numel()
-            state.flops += flops_per_microbatch(
-                self.model_cfg, *input_ids.shape, len(self.full_plan)
-            )
+            state.flops += flops_per_microbatch(self.model_cfg, *input_ids.shape, where.depth)
+            depths.append(where.depth)
         loss = loss_sum / cfg.grad_accum
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -261,6 +343,9 @@ class Trainer:
         return {
             "step": state.step,
             "loss": loss,
+            "stage": where.stage,
+            "n_physical": where.n_physical,
+            "depth": sum(depths) / len(depths),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens": state.tokens,
@@ -280,17 +365,18 @@ class Trainer:
             labels = batch["labels"].to(self.device)
             with self.autocast:
                 _, loss = self.model(
-                    batch["input_ids"].to(self.device), labels, plan=self.full_plan
+                    batch["input_ids"].to(self.device), labels, plan=self.eval_plan
                 )
             n = int((labels != -100).sum())
             total += loss.item() * n
             count += n
         return total / count
 
-    def save_checkpoint(self) -> Path:
-        """Write `checkpoints/step-XXXXXXX.pt` atomically and keep the newest `keep_checkpoints`."""
+    def save_checkpoint(self, tag: str = "") -> Path:
+        """Write `checkpoints/step-XXXXXXX<tag>.pt` atomically; keep the newest
+        `keep_checkpoints` periodic ones (stage-boundary checkpoints are all kept)."""
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path = self.ckpt_dir / f"step-{self.state.step:07d}.pt"
+        path = self.ckpt_dir / f"step-{self.state.step:07d}{tag}.pt"
         ckpt = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
@@ -303,14 +389,16 @@ class Trainer:
                 else None,
             },
             "model_config": self.model_cfg.model_dump(),
-            "plan": self.full_plan,
+            "n_physical": len(self.model.layers),
+            "plan": self.eval_plan,
             "tokenizer_json": self.train_data.tokenizer_path,
             "run_config": self.cfg.model_dump(mode="json"),
         }
         tmp = path.with_suffix(".tmp")
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
-        for old in sorted(self.ckpt_dir.glob("step-*.pt"))[: -self.cfg.train.keep_checkpoints]:
+        periodic = [p for p in checkpoints(self.run_dir) if p.name.count(".") == 1]
+        for old in periodic[: -self.cfg.train.keep_checkpoints]:
             old.unlink()
         return path
 

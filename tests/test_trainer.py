@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from apollo_ray.config import RunConfig, TrainConfig
+from apollo_ray.config import ConfigError, RunConfig, TrainConfig
 from apollo_ray.model import flops_per_microbatch
 from apollo_ray.trainer import (
     NonFiniteLossError,
@@ -136,3 +136,84 @@ def test_non_finite_loss_stops_cleanly(bert_data, tmp_path, monkeypatch):
     assert load_checkpoint(latest_checkpoint(tmp_path))["state"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def apollo_cfg(data, out, kind="bert", schedule=None, **train) -> RunConfig:
+    cfg = make_cfg(data, out, kind, **train).model_dump()
+    cfg["model"]["n_layer"] = 6
+    cfg["schedule"] = {"depths": [1, 3, 6], "stage_ends": [0.25, 0.5], **(schedule or {})}
+    return RunConfig.model_validate(cfg)
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_apollo_schedule_stages_depths_flops_and_growth(bert_data, tmp_path):
+    trainer = Trainer(apollo_cfg(bert_data, tmp_path, grad_accum=2), progress=False)
+    state = trainer.fit()
+    log = rows(tmp_path)
+    steps = [r for r in log if "loss" in r]
+    assert [r["n_physical"] for r in steps] == [1] * 3 + [3] * 3 + [6] * 6  # starts at 3 and 6
+    assert all(r["n_physical"] <= r["depth"] <= 6 for r in steps)
+    assert len({r["depth"] for r in steps[:6]}) > 1  # depths are sampled, not fixed
+    growths = [r for r in log if r.get("event") == "growth"]
+    assert [(r["step"], r["n_from"], r["n_physical"]) for r in growths] == [(3, 1, 3), (6, 3, 6)]
+    for r in growths:  # alpha = 0 and N_new a multiple of N_old: the function is unchanged
+        assert r["eval_loss_before"] == pytest.approx(r["eval_loss_after"], abs=1e-5)
+    # FLOPs are those of what ran: one micro-batch at each sampled depth
+    depths = [trainer.schedule.step(s, m).depth for s in range(12) for m in range(2)]
+    assert state.flops == sum(flops_per_microbatch(trainer.model_cfg, 4, 32, d) for d in depths)
+    names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    assert {
+        "step-0000003.pre-growth.pt",
+        "step-0000003.post-growth.pt",
+        "step-0000006.pre-growth.pt",
+        "step-0000006.post-growth.pt",
+    } <= names
+    post = load_checkpoint(tmp_path / "checkpoints" / "step-0000003.post-growth.pt")
+    assert post["n_physical"] == 3 and post["plan"] == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("restart_from", ["post-growth", "pre-growth"])
+def test_resume_across_growth_is_bit_identical(restart_from, gpt_data, tmp_path):
+    schedule = {"growth": "random", "optimizer_state": "copy", "rewarmup_steps": 2}
+    straight = Trainer(apollo_cfg(gpt_data, tmp_path / "a", "gpt", schedule), progress=False)
+    straight.fit()
+
+    crashing = Trainer(apollo_cfg(gpt_data, tmp_path / "b", "gpt", schedule), progress=False)
+    step = crashing.train_step
+
+    def crash_after_step_8():
+        if crashing.state.step == 8:
+            raise KeyboardInterrupt
+        return step()
+
+    crashing.train_step = crash_after_step_8
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    if restart_from == "pre-growth":  # the growth at step 6 must then happen again, identically
+        (tmp_path / "b" / "checkpoints" / "step-0000006.post-growth.pt").unlink()
+    resumed = Trainer(apollo_cfg(gpt_data, tmp_path / "b", "gpt", schedule), progress=False)
+    assert len(resumed.model.layers) == (6 if restart_from == "post-growth" else 3)
+    resumed.fit()
+    timeless = [
+        [{k: v for k, v in r.items() if k not in ("wall_time", "tokens_per_s")} for r in rows(d)]
+        for d in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert timeless[0] == timeless[1]  # every loss, depth, growth and eval row, bit for bit
+
+
+def test_rewarmup_scales_lr_after_growth(bert_data, tmp_path):
+    trainer = Trainer(
+        apollo_cfg(bert_data, tmp_path, schedule={"rewarmup_steps": 2}, warmup=0.0), progress=False
+    )
+    assert trainer.lr(3) == pytest.approx(lr_at(3, trainer.cfg.train) / 2)
+    assert trainer.lr(4) == pytest.approx(lr_at(4, trainer.cfg.train))
+    assert trainer.lr(2) == pytest.approx(lr_at(2, trainer.cfg.train))
+
+
+def test_resume_refuses_a_changed_config(bert_data, tmp_path):
+    Trainer(make_cfg(bert_data, tmp_path, steps=2), progress=False).fit()
+    with pytest.raises(ConfigError, match="different train"):
+        Trainer(make_cfg(bert_data, tmp_path, steps=2, lr=1e-2), progress=False)
