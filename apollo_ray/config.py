@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ModelConfig",
+    "ResourcesConfig",
     "RunConfig",
     "ScheduleConfig",
     "TrainConfig",
@@ -183,6 +184,17 @@ class ScheduleConfig(Strict):
         return self
 
 
+class ResourcesConfig(Strict):
+    """Ray Train workers of one run (data parallel; global batch = workers x micro x accum)."""
+
+    workers: int = Field(1, ge=1, description="data-parallel Ray Train workers")
+    gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per worker (0: train on CPU)")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker")
+    max_failures: int = Field(
+        2, ge=0, description="worker failures a run survives, resuming from its last checkpoint"
+    )
+
+
 class RunConfig(Strict):
     """One training run: `python -m apollo_ray.train RUN.yaml`."""
 
@@ -195,6 +207,7 @@ class RunConfig(Strict):
     schedule: ScheduleConfig | None = Field(
         None, description="progressive schedule; omit to train from scratch at full depth"
     )
+    resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
     def _fits_model(self) -> RunConfig:

@@ -1,16 +1,21 @@
-"""Train one model from a run YAML, locally on one process.
+"""Train one model from a run YAML: on this process, or data-parallel on Ray Train workers.
 
     python -m apollo_ray.train configs/bert-tiny.yaml
     python -m apollo_ray.train configs/bert-tiny.yaml --set train.steps=50 --set name=quick
+    python -m apollo_ray.train configs/bert-apollo.yaml --workers 2           # local Ray
+    python -m apollo_ray.train configs/bert-apollo.yaml --workers 8 --address auto
 
+Ray is used when `--workers`/`--address` is given or the YAML asks for `resources.workers` > 1.
 A run directory that already holds checkpoints is resumed from the newest one. Metrics go to
-`<out_dir>/metrics.jsonl`, checkpoints to `<out_dir>/checkpoints/`.
+`<out_dir>/metrics.jsonl`; checkpoints to `<out_dir>/checkpoints/` on one process, or to Ray
+Train's checkpoint folders in `<out_dir>/` on Ray.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 
 import yaml
 
@@ -47,22 +52,51 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.steps=100 (repeatable)",
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data-parallel Ray Train workers (sets resources.workers; starts Ray)",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else a new local Ray)",
+    )
+    parser.add_argument(
+        "--kill-worker-at-step",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="fault injection for testing: SIGKILL the last worker once after STEP",
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device without Ray (default: cuda if available)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     try:
-        cfg = load_run_config(args.config, parse_overrides(args.overrides))
-        trainer = Trainer(cfg, device=args.device, progress=not args.no_progress)
-        if trainer.state.step:
-            print(f"resuming {cfg.name} from step {trainer.state.step}", file=sys.stderr)
-        state = trainer.fit()
+        overrides = parse_overrides(args.overrides)
+        if args.workers is not None:
+            overrides["resources.workers"] = args.workers
+        cfg = load_run_config(args.config, overrides)
+        use_ray = cfg.resources.workers > 1 or args.workers or args.address
+        if use_ray or args.kill_worker_at_step is not None:
+            from apollo_ray import distributed  # imports Ray: only when asked for
+
+            metrics = distributed.run(cfg, args.address, args.kill_worker_at_step).metrics
+        else:
+            trainer = Trainer(cfg, device=args.device, progress=not args.no_progress)
+            if trainer.state.step:
+                print(f"resuming {cfg.name} from step {trainer.state.step}", file=sys.stderr)
+            metrics = asdict(trainer.fit())
     except (ConfigError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
-        f"{cfg.name}: {state.step} steps, {state.tokens:,} tokens, {state.flops:.3e} FLOPs, "
-        f"{state.wall_time:.0f} s, final eval loss {state.eval_loss:.4f}\n"
-        f"metrics: {trainer.run_dir / 'metrics.jsonl'}"
+        f"{cfg.name}: {metrics['step']} steps, {metrics['tokens']:,} tokens, "
+        f"{metrics['flops']:.3e} FLOPs, {metrics['wall_time']:.0f} s, "
+        f"final eval loss {metrics['eval_loss']:.4f}\nmetrics: {cfg.output_dir / 'metrics.jsonl'}"
     )
     return 0
 

@@ -3,6 +3,9 @@ AdamW with warmup + decay, accumulation, clipping, evaluation at full depth, FLO
 what ran, and checkpoints that resume bit-identically.
 
 `Trainer(cfg).fit()` is the whole job; `python -m apollo_ray.train RUN.yaml` is its command line.
+The same loop runs as one data-parallel rank of a Ray Train run (`apollo_ray.distributed`): it
+then wraps the model in DDP, shards batches by rank, all-reduces loss and eval metrics, and hands
+checkpoints to a `Store` that reports them to Ray instead of writing files.
 A `TrainState` (step, tokens, FLOPs, wall time) is saved with the model, the optimizer and the
 RNG state. Batches, depths and plans are pure functions of (seed, step, micro-batch), so the step
 is the data and sampler cursor, and growth is seeded by (seed, stage).
@@ -17,9 +20,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from apollo_ray.config import ConfigError, RunConfig, TrainConfig
@@ -30,7 +35,9 @@ from apollo_ray.schedule import Schedule
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "LocalStore",
     "NonFiniteLossError",
+    "Store",
     "TrainState",
     "Trainer",
     "build_optimizer",
@@ -116,13 +123,54 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+class Store(Protocol):
+    """Where checkpoints go and where a resumed run finds them."""
+
+    def latest(self) -> dict[str, Any] | None: ...
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None, name: str = ""
+    ) -> None:
+        """Called by every rank at the same points; `checkpoint` is given on rank 0 only."""
+
+
+class LocalStore:
+    """Checkpoints as files `<run_dir>/checkpoints/<name>.pt`, written atomically; the newest
+    `keep` periodic ones are kept, stage-boundary ones all. Metrics are ignored here (they go to
+    metrics.jsonl)."""
+
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.run_dir, self.keep = run_dir, keep
+
+    def latest(self) -> dict[str, Any] | None:
+        path = latest_checkpoint(self.run_dir)
+        return load_checkpoint(path) if path else None
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None, name: str = ""
+    ) -> None:
+        if checkpoint is None:
+            return
+        path = self.run_dir / "checkpoints" / f"{name}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+        periodic = [p for p in checkpoints(self.run_dir) if p.name.count(".") == 1]
+        for old in periodic[: -self.keep]:
+            old.unlink()
+
+
 class MetricsLog:
     """Metrics as JSON lines. On resume, rows the checkpoint does not cover (a later step, or a
     growth that happened after a pre-growth checkpoint) are dropped, so the file reads as one
     uninterrupted run."""
 
-    def __init__(self, path: Path, resume_step: int, n_physical: int) -> None:
+    def __init__(self, path: Path | None, resume_step: int, n_physical: int) -> None:
         self.path = path
+        self._file = None
+        if path is None:  # not rank 0: a do-nothing twin
+            return
         rows = []
         if resume_step and path.exists():
             rows = [
@@ -135,38 +183,62 @@ class MetricsLog:
         self._file = path.open("a")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        if self._file:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file:
+            self._file.close()
 
 
 class Trainer:
-    """Builds model, optimizer and data from a `RunConfig` and trains it, resuming if the run
-    directory already holds a checkpoint."""
+    """Builds model, optimizer and data from a `RunConfig` and trains it, resuming from the
+    store's latest checkpoint if there is one. `rank`/`world_size` > 1 need an initialised
+    `torch.distributed` process group (Ray Train sets it up)."""
 
-    def __init__(self, cfg: RunConfig, device: str | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        store: Store | None = None,
+    ) -> None:
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.progress = progress
+        self.rank, self.world_size = rank, world_size
+        self.progress = progress and rank == 0
         self.run_dir = cfg.output_dir
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.store = store or LocalStore(self.run_dir, cfg.train.keep_checkpoints)
         torch.manual_seed(cfg.seed)
         self.train_data = Batches(cfg.data, cfg.model.kind, "train", cfg.seed)
         self.val_data = Batches(cfg.data, cfg.model.kind, "val", cfg.seed)
         self.model_cfg = self._model_config()
         self.schedule = Schedule(cfg.schedule, cfg.model.n_layer, cfg.train.steps, cfg.seed)
         self.growth = make_growth(self.schedule.cfg)
-        path = latest_checkpoint(self.run_dir)
-        ckpt = load_checkpoint(path) if path else None
+        ckpt = self.store.latest()
         n_physical = ckpt["n_physical"] if ckpt else self.schedule.depths[0]
         self.model = TransformerLM(self.model_cfg, n_physical).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.state = TrainState()
         self.autocast = autocast_for(cfg.train.precision, self.device)
+        if world_size > 1:  # same init everywhere (above), then each rank its own dropout masks
+            torch.manual_seed(cfg.seed + 1_000_003 * rank)
         if ckpt:
             self._restore(ckpt)
+        self._wrap()
+
+    def _wrap(self) -> None:
+        """`self.net` is what the forward pass calls: the model, or DDP around it. Every plan
+        runs every physical layer (interp_plan and stack_plan use all N for any depth >= N), so
+        no parameter is ever unused and DDP needs no `find_unused_parameters` graph search."""
+        self.net: torch.nn.Module = self.model
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
 
     def _model_config(self):
         vocab = self.train_data.vocab_size
@@ -190,9 +262,10 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if self.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        rng = ckpt["rng"][self.rank]
+        torch.set_rng_state(rng["cpu"])
+        if self.device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     @property
     def eval_plan(self) -> list[int]:
@@ -202,9 +275,12 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until `train.steps`, evaluating and checkpointing on the configured cadence."""
         cfg = self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=2))
-        log = MetricsLog(self.run_dir / "metrics.jsonl", self.state.step, len(self.model.layers))
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+        main = self.rank == 0
+        metrics_path = self.run_dir / "metrics.jsonl" if main else None
+        log = MetricsLog(metrics_path, self.state.step, len(self.model.layers))
         bar = tqdm(
             total=cfg.steps,
             initial=self.state.step,
@@ -235,7 +311,9 @@ class Trainer:
                 if step % cfg.log_every == 0 or "eval_loss" in row or step == cfg.steps:
                     log.write(row)
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    self.save_checkpoint()
+                    self.save_checkpoint(row)
+                elif "eval_loss" in row:
+                    self.store.report(row)
                 bar.update(1)
                 bar.set_postfix(
                     N=row["n_physical"],
@@ -254,10 +332,18 @@ class Trainer:
         function). Growth time counts as training wall time; evaluation and saving do not."""
         state, sched = self.state, self.schedule.cfg
         n_old, n_new = len(self.model.layers), self.schedule.n_physical(state.step)
-        before = self.evaluate()
-        self.save_checkpoint(".pre-growth")
-        t0 = time.perf_counter()
         stage = self.schedule.stage_at(state.step)
+        before = self.evaluate()
+        row = {
+            "step": state.step,
+            "event": "growth",
+            "stage": stage,
+            "n_from": n_old,
+            "n_physical": n_old,
+            "eval_loss": before,
+        }
+        self.save_checkpoint(row, ".pre-growth")
+        t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + stage)
         with torch.random.fork_rng(devices=[]):  # fresh layers must not shift the dropout RNG
             torch.manual_seed(self.cfg.seed * 1000 + stage)
@@ -270,21 +356,21 @@ class Trainer:
                 sched.optimizer_state,
                 generator,
             )
+        self._wrap()
         state.wall_time += time.perf_counter() - t0
         after = self.evaluate()
-        self.save_checkpoint(".post-growth")
-        return {
-            "step": state.step,
-            "event": "growth",
-            "stage": stage,
-            "n_from": n_old,
+        row = {
+            **row,
             "n_physical": n_new,
             "eval_loss_before": before,
+            "eval_loss": after,
             "eval_loss_after": after,
             "flops": state.flops,
             "wall_time": state.wall_time,
             "tokens": state.tokens,
         }
+        self.save_checkpoint(row, ".post-growth")
+        return row
 
     def lr(self, step: int) -> float:
         """Global schedule, times a linear re-warmup after the last growth if configured."""
@@ -306,6 +392,7 @@ class Trainer:
         tokens = 0
         depths = []
         for micro in range(cfg.grad_accum):
+            last = micro == cfg.grad_accum - 1
             where = self.schedule.step(state.step, micro)
             if where.n_physical != len(self.model.layers):
                 raise RuntimeError(
@@ -313,23 +400,33 @@ class Trainer:
                     f"model has {len(self.model.layers)} layers; grow() first"
                 )
             batch = self.train_data.batch(
-                state.step, micro, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum
+                state.step,
+                micro,
+                micro_batch=cfg.micro_batch,
+                grad_accum=cfg.grad_accum,
+                rank=self.rank,
+                world_size=self.world_size,
             )
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
-            with self.autocast:
-                _, loss = self.model(input_ids, labels, plan=where.plan)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item()
-            tokens += input_ids.numel()
-            state.flops += flops_per_microbatch(self.model_cfg, *input_ids.shape, where.depth)
+            # DDP: all-reduce gradients once per step, on the last micro-batch
+            sync = nullcontext() if last or self.world_size == 1 else self.net.no_sync()
+            with sync:
+                with self.autocast:
+                    _, loss = self.net(input_ids, labels, plan=where.plan)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+            tokens += input_ids.numel() * self.world_size
+            state.flops += self.world_size * flops_per_microbatch(
+                self.model_cfg, *input_ids.shape, where.depth
+            )
             depths.append(where.depth)
-        loss = loss_sum / cfg.grad_accum
+        loss = self._mean_over_ranks(loss_sum / cfg.grad_accum)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"loss is {loss} at step {state.step}; the last checkpoint in {self.ckpt_dir} "
-                "and the metrics written so far are intact"
+                f"loss is {loss} at step {state.step}; the last checkpoint and the metrics "
+                f"written so far in {self.run_dir} are intact"
             )
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -354,53 +451,62 @@ class Trainer:
             "tokens_per_s": tokens / dt,
         }
 
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        """The mean of a per-rank scalar over all ranks (so every rank sees the same loss)."""
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return value.item()
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per predicted token over the first `eval_batches` validation micro-batches,
-        at full depth."""
+        at full depth; the batches are split over the ranks and the sums all-reduced, so every
+        rank gets the same value whatever the number of workers."""
         self.model.eval()
-        total, count = 0.0, 0
-        for i in range(self.cfg.train.eval_batches):
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss * n, n)
+        for i in range(self.rank, self.cfg.train.eval_batches, self.world_size):
             batch = self.val_data.batch(i, 0, micro_batch=self.cfg.train.micro_batch)
             labels = batch["labels"].to(self.device)
             with self.autocast:
                 _, loss = self.model(
                     batch["input_ids"].to(self.device), labels, plan=self.eval_plan
                 )
-            n = int((labels != -100).sum())
-            total += loss.item() * n
-            count += n
-        return total / count
+            n = (labels != -100).sum()
+            sums += torch.stack([loss.double() * n, n.double()])
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        return (sums[0] / sums[1]).item()
 
-    def save_checkpoint(self, tag: str = "") -> Path:
-        """Write `checkpoints/step-XXXXXXX<tag>.pt` atomically; keep the newest
-        `keep_checkpoints` periodic ones (stage-boundary checkpoints are all kept)."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path = self.ckpt_dir / f"step-{self.state.step:07d}{tag}.pt"
-        ckpt = {
+    def save_checkpoint(self, row: dict[str, Any], tag: str = "") -> None:
+        """Hand the checkpoint `step-XXXXXXX<tag>` (built on rank 0 only) and the metrics row
+        to the store; every rank calls this at the same points."""
+        rng = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+        rngs = [rng]
+        if self.world_size > 1:  # every rank's dropout RNG, so each resumes its own stream
+            rngs = [None] * self.world_size
+            dist.all_gather_object(rngs, rng)
+        ckpt = self.checkpoint(rngs) if self.rank == 0 else None
+        self.store.report(row, ckpt, f"step-{self.state.step:07d}{tag}")
+
+    def checkpoint(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Model, optimizer, state, per-rank RNG states and config: all a resumed run needs."""
+        return {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "state": asdict(self.state),
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device)
-                if self.device.type == "cuda"
-                else None,
-            },
+            "rng": rngs,
             "model_config": self.model_cfg.model_dump(),
             "n_physical": len(self.model.layers),
             "plan": self.eval_plan,
             "tokenizer_json": self.train_data.tokenizer_path,
             "run_config": self.cfg.model_dump(mode="json"),
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-        periodic = [p for p in checkpoints(self.run_dir) if p.name.count(".") == 1]
-        for old in periodic[: -self.cfg.train.keep_checkpoints]:
-            old.unlink()
-        return path
 
 
 def _fmt(x: float | None) -> str:

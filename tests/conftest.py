@@ -27,3 +27,19 @@ def bert_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def gpt_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _prepare_demo(tmp_path_factory, "gpt")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for every test that needs it (starting Ray costs ~10 s).
+
+    4 logical CPUs on this 2-core machine: a run's workers (and, for Tune, the trial driver)
+    must fit at once. Token auth is off for this throwaway local instance."""
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()

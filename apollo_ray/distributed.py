@@ -1,0 +1,181 @@
+"""Data-parallel training with Ray Train: the TorchTrainer a run starts, and what each worker runs.
+
+    python -m apollo_ray.train RUN.yaml --workers 2               # local Ray, started for you
+    python -m apollo_ray.train RUN.yaml --workers 8 --address auto   # an existing cluster
+
+Two of the three Ray tiers live here (Ray's train_tune_interop pattern): `build_trainer` makes
+the `TorchTrainer` for one run (the Tune driver in `apollo_ray.tune` calls it per trial), and
+`train_worker` is the per-worker function: it turns the config dict back into a validated
+`RunConfig` and runs the ordinary `Trainer` as one DDP rank (gloo on CPU, NCCL on GPU, bf16
+autocast on GPU). Checkpoints go through `ray.train.report` (`RayStore`); a restarted worker
+group resumes from the latest one, so with `resources.max_failures` a killed worker costs the
+steps since the last checkpoint, not the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from apollo_ray.config import RunConfig
+from apollo_ray.trainer import NonFiniteLossError, Trainer, load_checkpoint
+
+__all__ = ["RayStore", "build_trainer", "run", "train_worker"]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FAULT_MARKER = ".fault-injected"
+PERIODIC = re.compile(r"step-\d{7}")  # not step-NNNNNNN.pre-growth / .post-growth
+
+
+class RayStore:
+    """Checkpoints reported to Ray Train (rank 0 writes the file; every rank reports).
+
+    Retention is ours, not Ray's `CheckpointConfig(num_to_keep)`: after a worker-group restart,
+    Ray 2.60 tried to delete an already deleted checkpoint and failed the run (seen in
+    tests/test_ray_train.py). Rank 0 keeps the newest `keep` periodic checkpoints in the run's
+    storage folder; stage-boundary ones (pre/post growth) are all kept, as on one process."""
+
+    def __init__(self, storage: str, keep: int, rank: int) -> None:
+        if "://" in storage:
+            self.fs, self.root = pyarrow.fs.FileSystem.from_uri(storage)
+        else:
+            self.fs, self.root = pyarrow.fs.LocalFileSystem(), storage
+        self.keep, self.rank = keep, rank
+
+    def latest(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None, name: str = ""
+    ) -> None:
+        if not name:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            ray_checkpoint = None
+            if checkpoint is not None:
+                torch.save(checkpoint, Path(directory) / CHECKPOINT_FILE)
+                ray_checkpoint = Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=name)
+        if self.rank == 0 and PERIODIC.fullmatch(name):
+            self._prune()
+
+    def _prune(self) -> None:
+        found = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root))
+        periodic = sorted(i.path for i in found if PERIODIC.fullmatch(i.base_name))
+        for path in periodic[: -self.keep]:
+            self.fs.delete_dir(path)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: one rank of `Trainer.fit()`."""
+    cfg = RunConfig.model_validate(config["run"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    trainer = Trainer(
+        cfg,
+        ray.train.torch.get_device(),
+        progress=config.get("progress", True),
+        rank=rank,
+        world_size=world_size,
+        store=RayStore(config["storage"], cfg.train.keep_checkpoints, rank),
+    )
+    if config.get("kill_at_step") is not None and rank == world_size - 1:
+        _inject_fault(trainer, config["kill_at_step"])
+    try:
+        trainer.fit()
+    except NonFiniteLossError as e:  # every rank sees the same all-reduced loss
+        trainer.store.report({"step": trainer.state.step, "error": str(e)})  # no retry: it recurs
+
+
+def _inject_fault(trainer: Trainer, step: int) -> None:
+    """Kill this worker process (SIGKILL) once, right after optimizer step `step` (testing)."""
+    marker = trainer.run_dir / FAULT_MARKER
+    train_step = trainer.train_step
+
+    def step_then_die() -> dict[str, Any]:
+        row = train_step()
+        if trainer.state.step == step and not marker.exists():
+            marker.write_text(f"killed rank {trainer.rank} after step {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return row
+
+    trainer.train_step = step_then_die
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Workers may run in another directory (or node): pin relative local paths down."""
+    data = cfg.data.path
+    if "://" not in data:
+        data = str(Path(data).resolve())
+    return cfg.model_copy(
+        update={
+            "out_dir": str(cfg.output_dir),
+            "data": cfg.data.model_copy(update={"path": data}),
+        }
+    )
+
+
+def build_trainer(
+    cfg: RunConfig,
+    *,
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+    kill_at_step: int | None = None,
+    progress: bool = True,
+) -> TorchTrainer:
+    """The TorchTrainer for one run. Ray Train stores its checkpoints under
+    `storage_path/<run dir name>/` (default: beside the run's own files, in its `out_dir`)."""
+    cfg = absolute_paths(cfg)
+    storage_path = storage_path or str(cfg.output_dir.parent)
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        per_worker["GPU"] = res.gpus_per_worker
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "run": cfg.model_dump(mode="json"),
+            "kill_at_step": kill_at_step,
+            "progress": progress,
+            "storage": f"{storage_path.rstrip('/')}/{cfg.output_dir.name}",
+        },
+        scaling_config=ScalingConfig(
+            num_workers=res.workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.output_dir.name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # RayStore prunes
+            callbacks=callbacks,
+        ),
+    )
+
+
+def run(cfg: RunConfig, address: str | None = None, kill_at_step: int | None = None):
+    """Train `cfg` on Ray (starting a local instance unless `address`/RAY_ADDRESS names one) and
+    return the Ray Train `Result`. Raises `NonFiniteLossError` if the loss diverged."""
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    result = build_trainer(cfg, kill_at_step=kill_at_step).fit()
+    if result.metrics and "error" in result.metrics:
+        raise NonFiniteLossError(result.metrics["error"])
+    return result
