@@ -25,16 +25,17 @@ import pyarrow.fs
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from apollo_ray.config import RunConfig
 from apollo_ray.trainer import NonFiniteLossError, Trainer, load_checkpoint
 
-__all__ = ["RayStore", "build_trainer", "run", "train_worker"]
+__all__ = ["RayStore", "build_trainer", "raise_if_diverged", "run", "train_worker"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FAULT_MARKER = ".fault-injected"
+DIVERGED = "diverged.txt"  # written by rank 0 when the loss became NaN/inf
 PERIODIC = re.compile(r"step-\d{7}")  # not step-NNNNNNN.pre-growth / .post-growth
 
 
@@ -100,7 +101,10 @@ def train_worker(config: dict[str, Any]) -> None:
     try:
         trainer.fit()
     except NonFiniteLossError as e:  # every rank sees the same all-reduced loss
-        trainer.store.report({"step": trainer.state.step, "error": str(e)})  # no retry: it recurs
+        # End the run cleanly rather than fail it: a retry would diverge again at the same step.
+        if rank == 0:
+            (trainer.run_dir / DIVERGED).write_text(str(e) + "\n")
+        trainer.store.report({"step": trainer.state.step, "error": str(e)})
 
 
 def _inject_fault(trainer: Trainer, step: int) -> None:
@@ -166,6 +170,7 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # RayStore prunes
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="WARNING"),  # not every report and upload
         ),
     )
 
@@ -176,6 +181,12 @@ def run(cfg: RunConfig, address: str | None = None, kill_at_step: int | None = N
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     result = build_trainer(cfg, kill_at_step=kill_at_step).fit()
-    if result.metrics and "error" in result.metrics:
-        raise NonFiniteLossError(result.metrics["error"])
+    raise_if_diverged(cfg)
     return result
+
+
+def raise_if_diverged(cfg: RunConfig) -> None:
+    """Turn a run that stopped on a NaN/inf loss back into `NonFiniteLossError`."""
+    marker = cfg.output_dir / DIVERGED
+    if marker.exists():
+        raise NonFiniteLossError(marker.read_text().strip())
