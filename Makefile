@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine (Python 3.10+ with venv):
-#   make demo   install everything into .venv, prepare the demo corpus, run the main job
+#   make demo   install everything into .venv, run the main job: a schedule search on the demo
+#               corpus (local Ray, local outputs/)
 #   make test   install everything into .venv, lint, run the test suite
 # torch is installed first and on its own so that pip keeps the build you ask for
 # (TORCH=torch==2.13.0 is the CPU build on our dev machines; pass e.g. TORCH=torch for CUDA).
@@ -8,7 +9,6 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
-DEMO_DATA := data/demo-bert
 
 .PHONY: install demo test lint clean
 
@@ -21,11 +21,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-$(DEMO_DATA)/manifest.json: | $(VENV)/.installed
-	$(PY) -m apollo_ray.data prepare demo --kind bert --out $(DEMO_DATA) --vocab-size 8192 --val-fraction 0.05
-
-demo: $(VENV)/.installed $(DEMO_DATA)/manifest.json
-	$(PY) -m apollo_ray.train configs/bert-tiny.yaml
+demo: $(VENV)/.installed
+	$(PY) -m apollo_ray.tune search_spaces/small.yaml --resume
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -35,4 +32,4 @@ test: lint
 	$(VENV)/bin/pytest
 
 clean:
-	rm -rf $(VENV) runs data
+	rm -rf $(VENV) runs data outputs

@@ -65,6 +65,17 @@ def study_dir(study: StudyConfig) -> Path:
     return Path(study.study_dir).resolve()
 
 
+def with_absolute_paths(study: StudyConfig) -> StudyConfig:
+    """Tune runs each trial driver in its own working directory: pin local paths down first."""
+    spec = study.model_dump(mode="json")
+    for node, key in ((spec, "output_dir"), (spec["base"]["data"], "path")):
+        if "://" not in node[key]:
+            node[key] = str(Path(node[key]).resolve())
+    for derived in ("name", "out_dir"):  # the study derives them again from output_dir
+        spec["base"].pop(derived)
+    return StudyConfig.model_validate(spec)
+
+
 def prepare_data(study: StudyConfig) -> None:
     """Prepare the study's data once, if it asks for it and it is not there yet."""
     path = Path(study.base.data.path)
@@ -167,8 +178,8 @@ def run_search(study: StudyConfig, baseline: Path, resume: bool = False):
     if (root / "search").exists():
         if not resume:
             raise ConfigError(
-                f"{root / 'search'} already holds this study: pass --resume to finish it, or "
-                "choose another `experiment` name"
+                f"{root / 'search'} already holds this study: pass --resume to finish it (or "
+                "see its results), or choose another `experiment` name"
             )
         return tune.Tuner.restore(
             str(root / "search"), trainable, resume_unfinished=True, resume_errored=False
@@ -283,6 +294,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     def fmt(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     header = ["trial", "eval loss", "FLOPs saving", "speedup", "status", "params"]
@@ -328,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="finish an interrupted study without redoing finished trials",
+        help="finish an interrupted study without redoing finished trials (starts it if new)",
     )
     parser.add_argument(
         "--address",
@@ -337,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        study = load_study(args.study)
+        study = with_absolute_paths(load_study(args.study))
+        study_dir(study)  # a bad output_dir fails here, before Ray starts
         prepare_data(study)
         import ray
 

@@ -1,0 +1,172 @@
+"""The schedule search: scoring and baseline caching without Ray, then real studies on a local
+Ray (Optuna suggestions, Ray Train trials, a diverging trial, the cached baseline, and an
+interrupted study resumed with --resume)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from apollo_ray.config import ConfigError, load_run_config
+from apollo_ray.study import baseline_config, baseline_key, load_study
+from apollo_ray.tune import check_resources, ensure_baseline, main, pareto_front, score
+
+
+def write_metrics(path, points):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"step": i, "flops": f, "wall_time": f / 10, "eval_loss": loss}
+        for i, (f, loss) in enumerate(points)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_score_uses_saving_or_compute_equivalent_saving(tmp_path):
+    base = write_metrics(tmp_path / "b.jsonl", [(0, 10), (500, 6), (1000, 4)])
+    fast = write_metrics(tmp_path / "f.jsonl", [(0, 10), (400, 4), (800, 3)])
+    slow = write_metrics(tmp_path / "s.jsonl", [(0, 10), (1000, 6)])
+    good = score(fast, base)
+    assert good["reached"] and good["saving"] == pytest.approx(0.6)  # 1 - 400 / 1000
+    bad = score(slow, base)
+    assert not bad["reached"] and bad["speedup"] == pytest.approx(0.5)  # baseline: 500 for 6
+    assert bad["saving"] == pytest.approx(1 - 1 / 0.5)  # negative: needed twice the compute
+
+
+def test_pareto_front():
+    rows = [
+        {"eval_loss": 3.0, "flops": 10},
+        {"eval_loss": 2.0, "flops": 20},
+        {"eval_loss": 3.5, "flops": 15},
+        {"eval_loss": 1.0, "flops": 40},
+    ]
+    assert [r["flops"] for r in pareto_front(rows)] == [10, 20, 40]
+
+
+def tiny_study(tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0e9)):
+    study = {
+        "experiment": experiment,
+        "output_dir": str(tmp_path / "outputs"),
+        "base": {
+            "seed": 0,
+            "model": {
+                "kind": "gpt",
+                "n_layer": 4,
+                "d_model": 32,
+                "n_head": 2,
+                "max_seq_len": 32,
+                "dropout": 0.0,
+            },
+            "data": {"path": str(gpt_data), "seq_len": 32},
+            "train": {
+                "steps": 12,
+                "micro_batch": 4,
+                "lr": 3.0e-3,
+                "eval_every": 4,
+                "eval_batches": 2,
+                "checkpoint_every": 6,
+                "log_every": 1,
+            },
+            "resources": {"workers": 1, "cpus_per_worker": 1},
+            "schedule": {"depths": [1, 2, 4], "stage_ends": [0.25, 0.5]},
+        },
+        "search": {
+            "trials": trials,
+            "max_concurrent_trials": 1,
+            "sampler": {"kind": "random", "seed": 0},
+            "objective": "speedup",
+            "space": {"schedule.alpha": {"float": [0.0, 1.0]}, "train.lr": {"choice": list(lrs)}},
+        },
+    }
+    path = tmp_path / f"{experiment}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_cached_baseline_is_reused_without_training(tmp_path, gpt_data):
+    study = load_study(tiny_study(tmp_path, gpt_data))
+    run_dir = tmp_path / "outputs" / "baselines" / baseline_key(baseline_config(study))
+    write_metrics(run_dir / "metrics.jsonl", [(0, 9.0), (100, 8.0)])
+    (run_dir / "done.json").write_text("{}")
+    assert ensure_baseline(study) == run_dir / "metrics.jsonl"  # no Ray was needed
+
+
+def test_object_storage_output_is_refused_clearly(tmp_path, gpt_data):
+    path = tiny_study(tmp_path, gpt_data)
+    data = yaml.safe_load(path.read_text())
+    data["output_dir"] = "s3://bucket/out"
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path)]) == 2
+
+
+@pytest.mark.slow
+def test_search_scores_trials_and_records_failures(ray_cluster, tmp_path, gpt_data, capsys):
+    assert main([str(tiny_study(tmp_path, gpt_data))]) == 0
+    out = tmp_path / "outputs" / "tiny"
+    summary = json.loads((out / "summary.json").read_text())
+    statuses = [t["status"] for t in summary["trials"]]
+    assert len(statuses) == 3 and statuses.count("ok") >= 1
+    failed = [s for s in statuses if s != "ok"]
+    assert failed and all("loss is nan" in s for s in failed)  # lr = 1e9 diverges
+    ok = next(t for t in summary["trials"] if t["status"] == "ok")
+    assert ok["speedup"] > 0 and ok["params"]["train.lr"] == 3.0e-3
+    best = load_run_config(out / "best.yaml")  # a ready-to-use run config
+    assert best.train.lr == 3.0e-3 and best.schedule.alpha == ok["params"]["schedule.alpha"]
+    assert "loss is nan" in capsys.readouterr().out  # the table shows the reason
+
+    # a second study with the same model, data and budget reuses the baseline
+    baseline = next((tmp_path / "outputs" / "baselines").iterdir()) / "metrics.jsonl"
+    mtime = baseline.stat().st_mtime_ns
+    assert main([str(tiny_study(tmp_path, gpt_data, "again", trials=1, lrs=(3.0e-3,)))]) == 0
+    assert baseline.stat().st_mtime_ns == mtime
+    assert "baseline: reusing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_has(ray_cluster, tmp_path, gpt_data):
+    path = tiny_study(tmp_path, gpt_data)
+    data = yaml.safe_load(path.read_text())
+    data["base"]["resources"]["workers"] = 64
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"base\.resources: a trial needs 64 CPU"):
+        check_resources(load_study(path))
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_redoing_trials(ray_cluster, tmp_path, gpt_data):
+    path = tiny_study(tmp_path, gpt_data, "resumable", trials=3, lrs=(3.0e-3,))
+    out = tmp_path / "outputs" / "resumable"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apollo_ray.tune", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    scored = []
+    while time.time() < deadline and proc.poll() is None and not scored:
+        # a trial is finished once its driver reported the score (Tune's result.json)
+        scored = [
+            p
+            for p in (out / "tune" / "search").glob("*/result.json")
+            if '"speedup"' in p.read_text()
+        ]
+        time.sleep(1)
+    assert scored, "no trial finished in time"
+    time.sleep(3)  # let Tune record it as terminated
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    proc.wait(timeout=120)
+    first = json.loads(scored[0].read_text().splitlines()[-1])["trial_id"]
+    first_mtime = (out / "trials" / first / "metrics.jsonl").stat().st_mtime_ns
+
+    assert main([str(path), "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["ok"] * 3
+    assert first in {t["trial"] for t in summary["trials"]}
+    assert (out / "trials" / first / "metrics.jsonl").stat().st_mtime_ns == first_mtime
