@@ -64,6 +64,7 @@ def _rank(rank: int, world: int, port: int, cfg_json: str, out: str) -> None:
     trainer.fit()
     with open(f"{out}/plans-{rank}.json", "w") as f:
         json.dump(plans, f)
+    dist.barrier()  # both ranks done before teardown (gloo aborts on a one-sided shutdown)
     dist.destroy_process_group()
 
 
