@@ -25,7 +25,18 @@ __all__ = [
     "format_validation_error",
     "load_run_config",
     "load_yaml",
+    "stage_starts",
 ]
+
+
+def stage_starts(stage_ends: list[float], total_steps: int) -> list[int]:
+    """First step of each stage after the first; every stage must keep at least one step."""
+    starts = [round(e * total_steps) for e in stage_ends]
+    if any(b <= a for a, b in zip([0, *starts], [*starts, total_steps], strict=True)):
+        raise ValueError(
+            f"schedule.stage_ends {stage_ends} leave an empty stage with train.steps={total_steps}"
+        )
+    return starts
 
 
 class ConfigError(ValueError):
@@ -200,7 +211,7 @@ class RunConfig(Strict):
 
     name: str = Field(description="run name; also the default output folder name")
     out_dir: str | None = Field(None, description="output folder (default runs/<name>)")
-    seed: int = Field(0, description="seed for init, data order, masking and dropout")
+    seed: int = Field(0, ge=0, description="seed for init, data order, masking and dropout")
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
@@ -211,11 +222,13 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _fits_model(self) -> RunConfig:
-        if self.schedule is not None and self.schedule.depths[-1] != self.model.n_layer:
-            raise ValueError(
-                f"schedule.depths must end at model.n_layer ({self.model.n_layer}), "
-                f"got {self.schedule.depths}"
-            )
+        if self.schedule is not None:
+            if self.schedule.depths[-1] != self.model.n_layer:
+                raise ValueError(
+                    f"schedule.depths must end at model.n_layer ({self.model.n_layer}), "
+                    f"got {self.schedule.depths}"
+                )
+            stage_starts(self.schedule.stage_ends, self.train.steps)
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) is larger than model.max_seq_len "

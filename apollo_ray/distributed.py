@@ -15,7 +15,6 @@ steps since the last checkpoint, not the run.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import tempfile
 from pathlib import Path
@@ -29,14 +28,13 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from apollo_ray.config import RunConfig
-from apollo_ray.trainer import NonFiniteLossError, Trainer, load_checkpoint
+from apollo_ray.trainer import NonFiniteLossError, Trainer, is_periodic, load_checkpoint
 
 __all__ = ["RayStore", "build_trainer", "raise_if_diverged", "run", "train_worker"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FAULT_MARKER = ".fault-injected"
 DIVERGED = "diverged.txt"  # written by rank 0 when the loss became NaN/inf
-PERIODIC = re.compile(r"step-\d{7}")  # not step-NNNNNNN.pre-growth / .post-growth
 
 
 class RayStore:
@@ -73,12 +71,12 @@ class RayStore:
                 torch.save(checkpoint, Path(directory) / CHECKPOINT_FILE)
                 ray_checkpoint = Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=name)
-        if self.rank == 0 and PERIODIC.fullmatch(name):
+        if self.rank == 0 and is_periodic(name):
             self._prune()
 
     def _prune(self) -> None:
         found = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root))
-        periodic = sorted(i.path for i in found if PERIODIC.fullmatch(i.base_name))
+        periodic = sorted(i.path for i in found if is_periodic(i.base_name))
         for path in periodic[: -self.keep]:
             self.fs.delete_dir(path)
 

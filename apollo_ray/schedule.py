@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from apollo_ray.config import ScheduleConfig
+from apollo_ray.config import ScheduleConfig, stage_starts
 from apollo_ray.depth import DepthSampler, make_sampler
 
 __all__ = ["Schedule", "Step", "interp_plan", "stack_plan"]
@@ -60,13 +60,7 @@ class Schedule:
         self.cfg, self.n_layer, self.seed = cfg, n_layer, seed
         self.sampler: DepthSampler = make_sampler(cfg.sampler, cfg.tau)
         self.plan_fn = PLANS[cfg.plan]
-        # first step of each stage after the first; a stage must be at least one step long
-        starts = [round(e * total_steps) for e in cfg.stage_ends]
-        if any(b <= a for a, b in zip([0, *starts], [*starts, total_steps + 1], strict=True)):
-            raise ValueError(
-                f"stage_ends {cfg.stage_ends} leave an empty stage with train.steps={total_steps}"
-            )
-        self.starts = starts
+        self.starts = stage_starts(cfg.stage_ends, total_steps)
 
     @property
     def depths(self) -> list[int]:

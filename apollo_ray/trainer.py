@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -98,6 +99,12 @@ def autocast_for(precision: str, device: torch.device):
 # Checkpoint files: step-0000150.pt (periodic), step-0000150.pre-growth.pt and
 # step-0000150.post-growth.pt (stage boundary, before and after growing the layers).
 TAGS = ("", ".pre-growth", ".post-growth")
+PERIODIC = re.compile(r"step-\d{7}")
+
+
+def is_periodic(name: str) -> bool:
+    """A periodic checkpoint's name (`step-0000150`, no growth tag), without `.pt`."""
+    return PERIODIC.fullmatch(name) is not None
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -156,7 +163,7 @@ class LocalStore:
         tmp = path.with_suffix(".tmp")
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
-        periodic = [p for p in checkpoints(self.run_dir) if p.name.count(".") == 1]
+        periodic = [p for p in checkpoints(self.run_dir) if is_periodic(p.stem)]
         for old in periodic[: -self.keep]:
             old.unlink()
 
@@ -346,7 +353,7 @@ class Trainer:
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + stage)
         with torch.random.fork_rng(devices=[]):  # fresh layers must not shift the dropout RNG
-            torch.manual_seed(self.cfg.seed * 1000 + stage)
+            torch.default_generator.manual_seed(self.cfg.seed * 1000 + stage)  # CPU only
             self.optimizer = grow(
                 self.model,
                 self.optimizer,

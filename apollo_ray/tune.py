@@ -38,11 +38,11 @@ from apollo_ray.data import DataError, prepare
 from apollo_ray.study import (
     StudyConfig,
     baseline_config,
-    baseline_key,
     load_study,
     materialize,
     suggest,
 )
+from apollo_ray.trainer import NonFiniteLossError
 
 __all__ = ["OBJECTIVES", "ensure_baseline", "main", "run_search", "summarize", "trial_driver"]
 
@@ -54,6 +54,7 @@ OBJECTIVES: dict[str, tuple[Any, Any]] = {
     "pareto": (["eval_loss", "flops"], ["min", "min"]),
 }
 DONE_MARKER = "done.json"
+DRIVER_CPU = 0.1  # a trial driver only waits on its TorchTrainer, whose workers hold the CPUs
 
 
 def study_dir(study: StudyConfig) -> Path:
@@ -98,8 +99,7 @@ def ensure_baseline(study: StudyConfig) -> Path:
     from apollo_ray import distributed
 
     cfg = baseline_config(study)
-    run_dir = study_dir(study).parent / "baselines" / baseline_key(cfg)
-    cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
+    run_dir = cfg.output_dir
     if (run_dir / DONE_MARKER).exists():
         print(f"baseline: reusing {run_dir}", file=sys.stderr)
         return run_dir / "metrics.jsonl"
@@ -173,7 +173,7 @@ def run_search(study: StudyConfig, baseline: Path, resume: bool = False):
         tune.with_parameters(
             trial_driver, study=study.model_dump(mode="json"), baseline=str(baseline)
         ),
-        {"CPU": 0.1},  # the driver only waits on its TorchTrainer, whose workers hold the CPUs
+        {"CPU": DRIVER_CPU},
     )
     if (root / "search").exists():
         if not resume:
@@ -321,11 +321,15 @@ def check_resources(study: StudyConfig) -> None:
     import ray
 
     res, total = study.base.resources, ray.cluster_resources()
-    need = {"CPU": res.workers * res.cpus_per_worker, "GPU": res.workers * res.gpus_per_worker}
+    need = {
+        "CPU": res.workers * res.cpus_per_worker + DRIVER_CPU,
+        "GPU": res.workers * res.gpus_per_worker,
+    }
     for kind, amount in need.items():
         if amount > total.get(kind, 0):
             raise ConfigError(
-                f"base.resources: a trial needs {amount:g} {kind} ({res.workers} workers) but "
+                f"base.resources: a trial needs {amount:g} {kind} ({res.workers} workers and "
+                f"its driver) but "
                 f"the Ray cluster has {total.get(kind, 0):g}; lower base.resources.workers or "
                 f"its per-worker {kind} (or add nodes)"
             )
@@ -360,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         check_resources(study)
         baseline = ensure_baseline(study)
         summarize(study, run_search(study, baseline, args.resume))
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"summary: {study_dir(study) / 'summary.json'}")

@@ -39,6 +39,7 @@ def test_scientific_notation_string_is_a_float(tmp_path):
         ({"model": {**GOOD["model"], "n_head": 3}}, ["divisible by n_head"]),
         ({"data": {"path": "x", "seq_len": 128}}, ["seq_len (128)", "max_seq_len (64)"]),
         ({"train": {"steps": "many"}}, ["train.steps", "'many'"]),
+        ({"seed": -1}, ["seed", "greater than or equal to 0"]),
         ({"train": {"precision": "fp8"}}, ["train.precision", "'auto', 'fp32' or 'bf16'"]),
     ],
 )
@@ -62,6 +63,7 @@ APOLLO = {**GOOD, "model": {**GOOD["model"], "n_layer": 6}}
         ({"depths": [1, 6], "stage_ends": [0.1], "alpha": 1.5}, ["schedule.alpha", "1.5"]),
         ({"depths": [1, 6], "stage_ends": [0.1], "sampler": "lvps"}, ["schedule.tau"]),
         ({"depths": [1, 6], "stage_ends": [0.1], "growth": "magic"}, ["'interpolate', 'stack'"]),
+        ({"depths": [1, 3, 6], "stage_ends": [0.1, 0.9999]}, ["empty stage", "train.steps=1000"]),
     ],
 )
 def test_bad_schedule(tmp_path, schedule, expected):

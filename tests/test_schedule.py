@@ -57,3 +57,6 @@ def test_depths_are_deterministic_and_vary():
 def test_stage_too_short_for_budget():
     with pytest.raises(ValueError, match="empty stage"):
         Schedule(ScheduleConfig(), 12, 10, seed=0)  # 5% and 10% of 10 steps round to 0 and 1
+    late = ScheduleConfig(stage_ends=[0.1, 0.2, 0.95])  # the last stage would start at step 10
+    with pytest.raises(ValueError, match="empty stage"):
+        Schedule(late, 12, 10, seed=0)
