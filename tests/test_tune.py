@@ -133,7 +133,9 @@ def test_more_workers_than_the_cluster_has(ray_cluster, tmp_path, gpt_data):
     data = yaml.safe_load(path.read_text())
     data["base"]["resources"]["workers"] = 64
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match=r"base\.resources: a trial needs 64 CPU"):
+    with pytest.raises(
+        ConfigError, match=r"base\.resources: a trial needs 64\.1 CPU \(64 workers and its driver\)"
+    ):
         check_resources(load_study(path))
 
 
