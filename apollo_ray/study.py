@@ -155,7 +155,7 @@ class ChoiceParam(_Param):
         return self
 
 
-class IncreasingParam(_Param):
+class IncreasingParam(_Range):
     """Stage ends for `schedule.stage_ends`: `{increasing: [low, high]}`.
 
     One end per stage but the last (the count follows the trial's `schedule.depths`, searched
@@ -176,14 +176,6 @@ class IncreasingParam(_Param):
     )
     # len(base.schedule.depths) - 1, set by StudyConfig: the count when depths is not sampled
     _count: int | None = PrivateAttr(None)
-
-    @property
-    def low(self) -> float:
-        return self.bounds[0]
-
-    @property
-    def high(self) -> float:
-        return self.bounds[1]
 
     @model_validator(mode="after")
     def _inside_unit(self) -> IncreasingParam:

@@ -117,7 +117,7 @@ def test_export_errors(tmp_path: Path) -> None:
     model = scrambled_model("bert")
     ckpt = tmp_path / "ok.pt"
     torch.save({"model": model.state_dict(), "model_config": model.cfg.model_dump()}, ckpt)
-    torch.save({**torch.load(ckpt), "plan": [0, 3]}, tmp_path / "bad_plan.pt")
+    torch.save({**torch.load(ckpt, weights_only=True), "plan": [0, 3]}, tmp_path / "bad_plan.pt")
     with pytest.raises(ExportError, match="bad 'plan'"):
         export_checkpoint(tmp_path / "bad_plan.pt", tmp_path / "out")
     with pytest.raises(ExportError, match="no such tokenizer"):
