@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import yaml
 
 from apollo_ray.acceleration import Curve, compare
 from apollo_ray.config import ConfigError
-from apollo_ray.data import DataError, prepare
+from apollo_ray.data import DataError, load_manifest, prepare
 from apollo_ray.study import (
     StudyConfig,
     baseline_config,
@@ -99,7 +100,13 @@ def ensure_baseline(study: StudyConfig) -> Path:
     from apollo_ray import distributed
 
     cfg = baseline_config(study)
-    run_dir = cfg.output_dir
+    # The key covers the config; the manifest's hash covers the data behind `data.path`, which
+    # changes when it is prepared again (tokenizer training is not bit-reproducible).
+    manifest = load_manifest(study.base.data.path).model_dump_json().encode()
+    run_dir = cfg.output_dir.with_name(
+        f"{cfg.output_dir.name}-{hashlib.sha256(manifest).hexdigest()[:8]}"
+    )
+    cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
     if (run_dir / DONE_MARKER).exists():
         print(f"baseline: reusing {run_dir}", file=sys.stderr)
         return run_dir / "metrics.jsonl"

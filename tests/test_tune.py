@@ -2,6 +2,7 @@
 Ray (Optuna suggestions, Ray Train trials, a diverging trial, the cached baseline, and an
 interrupted study resumed with --resume)."""
 
+import hashlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from apollo_ray.config import ConfigError, load_run_config
+from apollo_ray.data import load_manifest
 from apollo_ray.study import baseline_config, baseline_key, load_study
 from apollo_ray.tune import check_resources, ensure_baseline, main, pareto_front, score
 
@@ -90,7 +92,9 @@ def tiny_study(tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0
 
 def test_cached_baseline_is_reused_without_training(tmp_path, gpt_data):
     study = load_study(tiny_study(tmp_path, gpt_data))
-    run_dir = tmp_path / "outputs" / "baselines" / baseline_key(baseline_config(study))
+    manifest = load_manifest(gpt_data).model_dump_json().encode()
+    name = f"{baseline_key(baseline_config(study))}-{hashlib.sha256(manifest).hexdigest()[:8]}"
+    run_dir = tmp_path / "outputs" / "baselines" / name
     write_metrics(run_dir / "metrics.jsonl", [(0, 9.0), (100, 8.0)])
     (run_dir / "done.json").write_text("{}")
     assert ensure_baseline(study) == run_dir / "metrics.jsonl"  # no Ray was needed
