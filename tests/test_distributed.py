@@ -4,7 +4,9 @@ Ranks must agree on every micro-batch's plan without communicating, and the same
 split over 2 workers must train like 1 worker accumulating 2 micro-batches.
 """
 
+import gc
 import json
+import os
 import socket
 
 import pytest
@@ -50,6 +52,17 @@ def _rank(rank: int, world: int, port: int, cfg_json: str, out: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     torch.set_num_threads(1)
+    _fit_recording_plans(rank, world, cfg_json, out)
+    # The DDP reducer holds the gloo group; it is gone (with the trainer) before the teardown,
+    # which both ranks reach together. Exiting without interpreter finalisation then avoids
+    # gloo's known SIGABRT when its threads outlive the interpreter.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def _fit_recording_plans(rank: int, world: int, cfg_json: str, out: str) -> None:
     trainer = Trainer(
         RunConfig.model_validate_json(cfg_json), "cpu", progress=False, rank=rank, world_size=world
     )
@@ -64,8 +77,6 @@ def _rank(rank: int, world: int, port: int, cfg_json: str, out: str) -> None:
     trainer.fit()
     with open(f"{out}/plans-{rank}.json", "w") as f:
         json.dump(plans, f)
-    dist.barrier()  # both ranks done before teardown (gloo aborts on a one-sided shutdown)
-    dist.destroy_process_group()
 
 
 def two_ranks(cfg: RunConfig, out) -> None:
