@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from apollo_ray.config import RunConfig
+from apollo_ray.tracking import RunMirror, Target
 from apollo_ray.trainer import NonFiniteLossError, Trainer, is_periodic, load_checkpoint
 
 __all__ = ["RayStore", "build_trainer", "raise_if_diverged", "run", "train_worker"]
@@ -50,7 +52,10 @@ class RayStore:
             self.fs, self.root = pyarrow.fs.FileSystem.from_uri(storage)
         else:
             self.fs, self.root = pyarrow.fs.LocalFileSystem(), storage
-        self.keep, self.rank = keep, rank
+        self.uri, self.keep, self.rank = storage.rstrip("/"), keep, rank
+
+    def location(self, name: str) -> str:
+        return f"{self.uri}/{name}/{CHECKPOINT_FILE}"
 
     def latest(self) -> dict[str, Any] | None:
         checkpoint = ray.train.get_checkpoint()
@@ -93,6 +98,7 @@ def train_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world_size,
         store=RayStore(config["storage"], cfg.train.keep_checkpoints, rank),
+        tracker=_mirror(config.get("tracking"), cfg) if rank == 0 else None,
     )
     if config.get("kill_at_step") is not None and rank == world_size - 1:
         _inject_fault(trainer, config["kill_at_step"])
@@ -103,6 +109,12 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             (trainer.run_dir / DIVERGED).write_text(str(e) + "\n")
         trainer.store.report({"step": trainer.state.step, "error": str(e)})
+
+
+def _mirror(tracking: dict[str, Any] | None, cfg: RunConfig) -> RunMirror | None:
+    if tracking is None:
+        return None
+    return RunMirror(Target(**tracking), cfg.output_dir, cfg.train.steps)
 
 
 def _inject_fault(trainer: Trainer, step: int) -> None:
@@ -140,9 +152,11 @@ def build_trainer(
     callbacks: list | None = None,
     kill_at_step: int | None = None,
     progress: bool = True,
+    tracking: Target | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer for one run. Ray Train stores its checkpoints under
-    `storage_path/<run dir name>/` (default: beside the run's own files, in its `out_dir`)."""
+    `storage_path/<run dir name>/` (default: beside the run's own files, in its `out_dir`).
+    With `tracking`, rank 0 mirrors the run into that MLflow run while it trains."""
     cfg = absolute_paths(cfg)
     storage_path = storage_path or str(cfg.output_dir.parent)
     res = cfg.resources
@@ -156,6 +170,7 @@ def build_trainer(
             "kill_at_step": kill_at_step,
             "progress": progress,
             "storage": f"{storage_path.rstrip('/')}/{cfg.output_dir.name}",
+            "tracking": asdict(tracking) if tracking else None,
         },
         scaling_config=ScalingConfig(
             num_workers=res.workers,
@@ -173,12 +188,17 @@ def build_trainer(
     )
 
 
-def run(cfg: RunConfig, address: str | None = None, kill_at_step: int | None = None):
+def run(
+    cfg: RunConfig,
+    address: str | None = None,
+    kill_at_step: int | None = None,
+    tracking: Target | None = None,
+):
     """Train `cfg` on Ray (starting a local instance unless `address`/RAY_ADDRESS names one) and
     return the Ray Train `Result`. Raises `NonFiniteLossError` if the loss diverged."""
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    result = build_trainer(cfg, kill_at_step=kill_at_step).fit()
+    result = build_trainer(cfg, kill_at_step=kill_at_step, tracking=tracking).fit()
     raise_if_diverged(cfg)
     return result
 

@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,9 @@ from apollo_ray.data import Batches
 from apollo_ray.growth import grow, make_growth
 from apollo_ray.model import TransformerLM, flops_per_microbatch
 from apollo_ray.schedule import Schedule
+
+if TYPE_CHECKING:
+    from apollo_ray.tracking import RunMirror
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -135,6 +138,9 @@ class Store(Protocol):
 
     def latest(self) -> dict[str, Any] | None: ...
 
+    def location(self, name: str) -> str:
+        """Where checkpoint `name` lies once reported (a path or a pyarrow.fs URI)."""
+
     def report(
         self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None, name: str = ""
     ) -> None:
@@ -152,6 +158,9 @@ class LocalStore:
     def latest(self) -> dict[str, Any] | None:
         path = latest_checkpoint(self.run_dir)
         return load_checkpoint(path) if path else None
+
+    def location(self, name: str) -> str:
+        return str(self.run_dir / "checkpoints" / f"{name}.pt")
 
     def report(
         self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None, name: str = ""
@@ -213,6 +222,7 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         store: Store | None = None,
+        tracker: RunMirror | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -220,6 +230,7 @@ class Trainer:
         self.progress = progress and rank == 0
         self.run_dir = cfg.output_dir
         self.store = store or LocalStore(self.run_dir, cfg.train.keep_checkpoints)
+        self.tracker = tracker if rank == 0 else None
         torch.manual_seed(cfg.seed)
         self.train_data = Batches(cfg.data, cfg.model.kind, "train", cfg.seed)
         self.val_data = Batches(cfg.data, cfg.model.kind, "val", cfg.seed)
@@ -288,6 +299,8 @@ class Trainer:
         main = self.rank == 0
         metrics_path = self.run_dir / "metrics.jsonl" if main else None
         log = MetricsLog(metrics_path, self.state.step, len(self.model.layers))
+        tracker = self.tracker or _NoTracker()
+        tracker.start()  # after the metrics log dropped what the checkpoint does not cover
         bar = tqdm(
             total=cfg.steps,
             initial=self.state.step,
@@ -311,12 +324,14 @@ class Trainer:
             while self.state.step < cfg.steps:
                 if self.schedule.n_physical(self.state.step) > len(self.model.layers):
                     log.write(self.grow())
+                    tracker.poll()
                 row = self.train_step()
                 step = self.state.step
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     row["eval_loss"] = self.state.eval_loss = self.evaluate()
                 if step % cfg.log_every == 0 or "eval_loss" in row or step == cfg.steps:
                     log.write(row)
+                    tracker.poll()
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     self.save_checkpoint(row)
                 elif "eval_loss" in row:
@@ -331,6 +346,7 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+            tracker.close()
         return self.state
 
     def grow(self) -> dict[str, Any]:
@@ -498,7 +514,10 @@ class Trainer:
             rngs = [None] * self.world_size
             dist.all_gather_object(rngs, rng)
         ckpt = self.checkpoint(rngs) if self.rank == 0 else None
-        self.store.report(row, ckpt, f"step-{self.state.step:07d}{tag}")
+        name = f"step-{self.state.step:07d}{tag}"
+        self.store.report(row, ckpt, name)
+        if self.tracker is not None:
+            self.tracker.checkpoint(name, self.store.location(name), row)
 
     def checkpoint(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         """Model, optimizer, state, per-rank RNG states and config: all a resumed run needs."""
@@ -514,6 +533,19 @@ class Trainer:
             "tokenizer_json": self.train_data.tokenizer_path,
             "run_config": self.cfg.model_dump(mode="json"),
         }
+
+
+class _NoTracker:
+    """What `fit` talks to when the run is not tracked (and on every rank but 0)."""
+
+    def start(self) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass
+
+    def close(self) -> bool:
+        return True
 
 
 def _fmt(x: float | None) -> str:

@@ -28,17 +28,23 @@ import json
 import math
 import os
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from apollo_ray.acceleration import Curve, compare
-from apollo_ray.config import ConfigError
+from apollo_ray import tracking as tracking_mod
+from apollo_ray.acceleration import Curve, compare, plot_loss_vs_flops
+from apollo_ray.config import ConfigError, RunConfig
 from apollo_ray.data import DataError, load_manifest, prepare
 from apollo_ray.study import (
     StudyConfig,
     baseline_config,
+    flatten,
     load_study,
     materialize,
     suggest,
@@ -55,6 +61,7 @@ OBJECTIVES: dict[str, tuple[Any, Any]] = {
     "pareto": (["eval_loss", "flops"], ["min", "min"]),
 }
 DONE_MARKER = "done.json"
+TRACKING_SESSION = "mlflow-session.json"  # where this study logs now (see _trial_runs_callback)
 DRIVER_CPU = 0.1  # a trial driver only waits on its TorchTrainer, whose workers hold the CPUs
 
 
@@ -95,8 +102,9 @@ def prepare_data(study: StudyConfig) -> None:
     )
 
 
-def ensure_baseline(study: StudyConfig) -> Path:
-    """Train (or reuse) the scratch baseline; returns its metrics.jsonl."""
+def ensure_baseline(study: StudyConfig, tracking: dict[str, str] | None = None) -> Path:
+    """Train (or reuse) the scratch baseline; returns its metrics.jsonl. With `tracking`, the
+    baseline is a child run of the study in MLflow (a reused one is uploaded from its files)."""
     from apollo_ray import distributed
 
     cfg = baseline_config(study)
@@ -107,13 +115,29 @@ def ensure_baseline(study: StudyConfig) -> Path:
         f"{cfg.output_dir.name}-{hashlib.sha256(manifest).hexdigest()[:8]}"
     )
     cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
-    if (run_dir / DONE_MARKER).exists():
-        print(f"baseline: reusing {run_dir}", file=sys.stderr)
-        return run_dir / "metrics.jsonl"
-    print(f"baseline: training the scratch model in {run_dir}", file=sys.stderr)
-    result = distributed.run(cfg)
-    (run_dir / DONE_MARKER).write_text(json.dumps(result.metrics, indent=2) + "\n")
-    return run_dir / "metrics.jsonl"
+    metrics = run_dir / "metrics.jsonl"
+    cached = (run_dir / DONE_MARKER).exists()
+    with tracked_run(study, tracking, cfg, "baseline", {}) as target:
+        if cached:
+            print(f"baseline: reusing {run_dir}", file=sys.stderr)
+            if target is not None:  # its rows and (policy permitting) its final checkpoint
+                mirror = tracking_mod.RunMirror(target, run_dir, cfg.train.steps)
+                final = f"step-{cfg.train.steps:07d}"
+                location = str(run_dir / final / distributed.CHECKPOINT_FILE)
+                mirror.checkpoint(final, location, _last_row(metrics))
+                mirror.flush()
+                _client(tracking).set_tag(target.run_id, "apollo.cached", str(run_dir))
+        else:
+            print(f"baseline: training the scratch model in {run_dir}", file=sys.stderr)
+            result = distributed.run(cfg, tracking=target)
+            (run_dir / DONE_MARKER).write_text(json.dumps(result.metrics, indent=2) + "\n")
+        if target is not None:
+            log_run_results(_client(tracking), target.run_id, cfg, metrics, metrics, None)
+    return metrics
+
+
+def _last_row(metrics: Path) -> dict[str, Any]:
+    return json.loads(metrics.read_text().splitlines()[-1])
 
 
 def score(run_metrics: Path, baseline_metrics: Path) -> dict[str, Any]:
@@ -137,7 +161,12 @@ def score(run_metrics: Path, baseline_metrics: Path) -> dict[str, Any]:
     }
 
 
-def trial_driver(config: dict[str, Any], study: dict[str, Any], baseline: str) -> None:
+def trial_driver(
+    config: dict[str, Any],
+    study: dict[str, Any],
+    baseline: str,
+    tracking: dict[str, str] | None = None,
+) -> None:
     """Tier 2, one per Tune trial: train the trial's schedule with Ray Train, then score it."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -148,9 +177,146 @@ def trial_driver(config: dict[str, Any], study: dict[str, Any], baseline: str) -
     trial_id = tune.get_context().get_trial_id()
     out_dir = study_dir(spec) / "trials" / trial_id  # named from the trial id: retries resume
     cfg = materialize(spec.base, config, name=f"{spec.experiment}-{trial_id}", out_dir=str(out_dir))
-    distributed.build_trainer(cfg, callbacks=[TuneReportCallback()], progress=False).fit()
-    distributed.raise_if_diverged(cfg)
-    tune.report(score(cfg.output_dir / "metrics.jsonl", Path(baseline)))
+    with tracked_run(spec, tracking, cfg, "trial", config, trial_id) as target:
+        trainer = distributed.build_trainer(
+            cfg, callbacks=[TuneReportCallback()], progress=False, tracking=target
+        )
+        trainer.fit()
+        distributed.raise_if_diverged(cfg)
+        scores = score(cfg.output_dir / "metrics.jsonl", Path(baseline))
+        if target is not None:
+            log_run_results(
+                _client(tracking),
+                target.run_id,
+                cfg,
+                cfg.output_dir / "metrics.jsonl",
+                Path(baseline),
+                scores,
+            )
+        tune.report(scores)
+
+
+@contextmanager
+def tracked_run(
+    study: StudyConfig,
+    tracking: dict[str, str] | None,
+    cfg: RunConfig,
+    kind: str,
+    searched: dict[str, Any],
+    trial_id: str | None = None,
+) -> Iterator[tracking_mod.Target | None]:
+    """The MLflow child run of a trial or the baseline, RUNNING while the block runs and then
+    FINISHED, FAILED (with the reason as tag `apollo.end`) or KILLED, whatever happens; rows
+    and checkpoints that rank 0 could not upload are sent on the way out."""
+    if tracking is None:
+        yield None
+        return
+    client = _client(tracking)
+    tags = {tracking_mod.KIND: kind, tracking_mod.STUDY: study.experiment}
+    if trial_id is not None:
+        tags[tracking_mod.TRIAL] = trial_id
+    run_id = tracking_mod.start_run(
+        client, tracking["experiment_id"], cfg.name, tags, tracking["parent_id"]
+    )
+    tracking_mod.log_params(client, run_id, flatten(cfg), searched)
+    target = tracking_mod.Target(tracking["uri"], run_id, study.tracking.checkpoints)
+    error: BaseException | None = None
+    try:
+        yield target
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        try:
+            tracking_mod.sync(cfg.output_dir, tracking["uri"])
+            if error is not None:
+                client.set_tag(run_id, "apollo.end", _reason(error))
+            client.set_terminated(run_id, tracking_mod.end_status(error))
+        except Exception as e:  # MLflow gone: the study's end closes it (close_leftovers)
+            print(f"mlflow: could not end run {run_id}: {e}", file=sys.stderr)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[-1] if text else type(error).__name__)[:500]
+
+
+def _client(tracking: dict[str, str]):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking["uri"])
+
+
+def log_run_results(
+    client,
+    run_id: str,
+    cfg: RunConfig,
+    metrics: Path,
+    baseline: Path,
+    scores: dict[str, Any] | None,
+) -> None:
+    """A finished run's totals and acceleration metrics, its loss-vs-FLOPs plot against the
+    baseline and (Apollo runs) its depth histogram per stage, into its MLflow run."""
+    from mlflow.entities import Metric
+
+    from apollo_ray.plots import depth_histogram
+
+    curve = Curve.from_metrics(metrics, name=cfg.name)
+    base = Curve.from_metrics(baseline, name="scratch")
+    totals = {
+        "final_eval_loss": curve.final_loss,
+        "total_flops": curve.total_flops,
+        "total_wall_time": curve.total_wall,
+    }
+    if scores is not None:
+        totals |= {"saving": scores["saving"], "speedup": scores["speedup"]}
+        totals |= {k: v for k, v in scores.items() if k.startswith("acc_")}
+    now = int(time.time() * 1000)
+    step = cfg.train.steps
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in totals.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        curves = [] if scores is None else [curve]
+        plot_loss_vs_flops(curves, base, Path(tmp) / "loss_vs_flops.png", title=cfg.name)
+        if cfg.schedule is not None:
+            depth_histogram(cfg, Path(tmp) / "depth_histogram.png")
+        client.log_artifacts(run_id, tmp, "plots")
+        client.log_artifact(run_id, str(cfg.output_dir / "config.json"))
+
+
+def _trial_runs_callback(study: StudyConfig, tracking: dict[str, str]):
+    """A Tune callback in the study driver that ends the MLflow run of a trial that ended
+    without ending it itself: stopped by ASHA (KILLED) or killed with its driver (FAILED).
+    Tune pickles callbacks with the search, and a resumed study's local MLflow server listens
+    on a new port, so the callback reads the current tracking settings from the study folder."""
+    from ray import tune
+
+    session = study_dir(study) / TRACKING_SESSION
+    session.parent.mkdir(parents=True, exist_ok=True)
+    session.write_text(json.dumps(tracking))
+
+    class TrialRunsCallback(tune.Callback):
+        def __init__(self, session: Path) -> None:
+            self.session = session
+
+        def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+            self._close(trial, "KILLED", "stopped early by the scheduler")
+
+        def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+            self._close(trial, "FAILED", "the trial's driver failed")
+
+        def _close(self, trial, status: str, reason: str) -> None:
+            tracking = json.loads(self.session.read_text())
+            client = _client(tracking)
+            run = tracking_mod.find_run(
+                client, tracking["experiment_id"], **{tracking_mod.TRIAL: trial.trial_id}
+            )
+            if run is None or run.info.status != "RUNNING":
+                return
+            tracking_mod.sync(self.session.parent / "trials" / trial.trial_id, tracking["uri"])
+            client.set_tag(run.info.run_id, "apollo.end", reason)
+            client.set_terminated(run.info.run_id, status)
+
+    return TrialRunsCallback(session)
 
 
 def _final_result_searcher():
@@ -168,7 +334,12 @@ def _final_result_searcher():
     return FinalResultOptunaSearch
 
 
-def run_search(study: StudyConfig, baseline: Path, resume: bool = False):
+def run_search(
+    study: StudyConfig,
+    baseline: Path,
+    resume: bool = False,
+    tracking: dict[str, str] | None = None,
+):
     """Tier 1: the Tuner over Optuna's suggestions; returns Tune's `ResultGrid`."""
     import optuna
     from ray import tune
@@ -176,9 +347,13 @@ def run_search(study: StudyConfig, baseline: Path, resume: bool = False):
 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # objective arrives in the last report
     root = study_dir(study) / "tune"
+    callbacks = [_trial_runs_callback(study, tracking)] if tracking else []
     trainable = tune.with_resources(
         tune.with_parameters(
-            trial_driver, study=study.model_dump(mode="json"), baseline=str(baseline)
+            trial_driver,
+            study=study.model_dump(mode="json"),
+            baseline=str(baseline),
+            tracking=tracking,
         ),
         {"CPU": DRIVER_CPU},
     )
@@ -189,7 +364,10 @@ def run_search(study: StudyConfig, baseline: Path, resume: bool = False):
                 "see its results), or choose another `experiment` name"
             )
         return tune.Tuner.restore(
-            str(root / "search"), trainable, resume_unfinished=True, resume_errored=False
+            str(root / "search"),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
         ).fit()
     metric, mode = OBJECTIVES[study.search.objective]
     FinalResultOptunaSearch = _final_result_searcher()
@@ -226,7 +404,10 @@ def run_search(study: StudyConfig, baseline: Path, resume: bool = False):
             max_concurrent_trials=study.search.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(
-            name="search", storage_path=str(root), failure_config=tune.FailureConfig(max_failures=0)
+            name="search",
+            storage_path=str(root),
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=callbacks,
         ),
     )
     return tuner.fit()
@@ -279,7 +460,9 @@ def summarize(study: StudyConfig, grid) -> dict[str, Any]:
             + yaml.safe_dump(cfg.model_dump(mode="json", exclude={"out_dir"}), sort_keys=False)
         )
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print_table(rows)
+    table = format_table(rows)
+    (out / "summary.txt").write_text(table + "\n")
+    print(table)
     return summary
 
 
@@ -297,7 +480,7 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted((r for r in rows if not dominated(r)), key=lambda r: r["flops"])
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def format_table(rows: list[dict[str, Any]]) -> str:
     def fmt(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
@@ -318,9 +501,167 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         for r in rows
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    for line in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *lines]
+    )
+
+
+def log_study_results(
+    client, tracking: dict[str, str], study: StudyConfig, summary: dict[str, Any], baseline: Path
+) -> None:
+    """The parent run's view of the search: the best trial's metrics (`best_*`, tag
+    `apollo.best_trial`), the summary table, best.yaml, Optuna's plots, the best trials' loss
+    curves against the baseline, and the best final model registered in the model registry."""
+    from mlflow.entities import Metric
+
+    from apollo_ray.plots import optuna_plots, optuna_study
+
+    parent, out = tracking["parent_id"], study_dir(study)
+    for name in ("summary.json", "summary.txt", "best.yaml"):
+        if (out / name).exists():
+            client.log_artifact(parent, str(out / name), "summary")
+    done = [r for r in summary["trials"] if r["status"] == "ok"]
+    best = summary["best"]
+    if best:
+        b = best[0]
+        client.set_tag(parent, "apollo.best_trial", b["trial"])
+        now = int(time.time() * 1000)
+        values = {k: b[k] for k in ("eval_loss", "saving", "speedup", "flops") if b[k] is not None}
+        client.log_batch(
+            parent, metrics=[Metric(f"best_{k}", v, now, 0) for k, v in values.items()]
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        if done:
+            metric, mode = OBJECTIVES[study.search.objective]
+            metrics, modes = (metric, mode) if isinstance(metric, list) else ([metric], [mode])
+            directions = ["minimize" if m == "min" else "maximize" for m in modes]
+            ot = optuna_study(done, study.search.space, directions, metrics)
+            optuna_plots(ot, Path(tmp) / "optuna")
+            top = sorted(done, key=lambda r: r["speedup"], reverse=True)[:3]
+            curves = [
+                Curve.from_metrics(out / "trials" / r["trial"] / "metrics.jsonl", name=r["trial"])
+                for r in top
+            ]
+            plot_loss_vs_flops(
+                curves,
+                Curve.from_metrics(baseline, name="scratch"),
+                Path(tmp) / "best_trials_loss_vs_flops.png",
+                title=f"{study.experiment}: best trials by speedup",
+            )
+        client.log_artifacts(parent, tmp, "plots")
+    if best:
+        register_best(client, tracking, study, best[0]["trial"])
+
+
+def register_best(client, tracking: dict[str, str], study: StudyConfig, trial: str) -> None:
+    """Export the best trial's final checkpoint as a Hugging Face model folder (loadable with
+    `from_pretrained`), log it to the trial's run as `model/` and register it as a new version
+    of the registered model named after the experiment."""
+    from mlflow.exceptions import MlflowException
+
+    from apollo_ray.distributed import CHECKPOINT_FILE
+    from apollo_ray.export import export_checkpoint
+
+    run = tracking_mod.find_run(client, tracking["experiment_id"], **{tracking_mod.TRIAL: trial})
+    ckpt = study_dir(study) / "trials" / trial / f"step-{study.base.train.steps:07d}"
+    if run is None or not (ckpt / CHECKPOINT_FILE).exists():
+        print(f"mlflow: best trial {trial} has no final checkpoint to register", file=sys.stderr)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        export_checkpoint(ckpt / CHECKPOINT_FILE, Path(tmp) / "model")
+        client.log_artifacts(run.info.run_id, str(Path(tmp) / "model"), "model")
+    try:
+        client.create_registered_model(
+            study.experiment,
+            description=f"Best Apollo schedule of study {study.experiment} (Hugging Face format)",
+        )
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        study.experiment,
+        source=f"{run.info.artifact_uri}/model",
+        run_id=run.info.run_id,
+        tags={"trial": trial, "format": "huggingface"},
+    )
+    print(
+        f"mlflow: registered models:/{study.experiment}/{version.version} (trial {trial})",
+        file=sys.stderr,
+    )
+
+
+@contextmanager
+def tracking_server(study: StudyConfig) -> Iterator[str]:
+    """The study's tracking URI: the YAML's `tracking.mlflow_uri`, else MLFLOW_TRACKING_URI, else
+    an MLflow server on 127.0.0.1 over the local store in output_dir, for the study's duration."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one per run ended
+    uri = study.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        yield uri
+        return
+    with tracking_mod.LocalServer(study.output_dir) as server:
+        print(
+            f"mlflow: store {server.backend}, served at {server.uri} while the study runs; "
+            f"afterwards: python -m apollo_ray.ui --output-dir {study.output_dir}",
+            file=sys.stderr,
+        )
+        yield server.uri
+
+
+@contextmanager
+def study_run(study: StudyConfig, yaml_path: str, uri: str, resume: bool) -> Iterator[dict]:
+    """The study's MLflow experiment and parent run (a resumed study continues its own), ended
+    FINISHED, FAILED or KILLED (Ctrl-C) whatever happens, with every child still RUNNING closed."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study.experiment)
+    if exp is None:
+        exp_id = client.create_experiment(study.experiment)
+    else:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp_id)
+    tags = {tracking_mod.KIND: "study", tracking_mod.STUDY: study.experiment}
+    found = tracking_mod.find_run(client, exp_id, **tags) if resume else None
+    if found is not None:
+        parent = found.info.run_id
+        client.update_run(parent, status="RUNNING")
+    else:
+        parent = tracking_mod.start_run(client, exp_id, study.experiment, tags, fresh=True)
+        client.log_artifact(parent, yaml_path, "study")
+        s = study.search
+        tracking_mod.log_params(
+            client,
+            parent,
+            {
+                "objective": s.objective,
+                "trials": s.trials,
+                "max_concurrent_trials": s.max_concurrent_trials,
+                "sampler": s.sampler.kind,
+                "sampler.seed": s.sampler.seed,
+                "scheduler": "asha" if s.scheduler else "none",
+                "space": ",".join(s.space),
+                "checkpoints": study.tracking.checkpoints,
+            },
+            {},
+        )
+    tracking = {"uri": uri, "experiment_id": exp_id, "parent_id": parent}
+    error: BaseException | None = None
+    try:
+        yield tracking
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        closed = tracking_mod.close_leftovers(client, exp_id, parent)
+        if closed:
+            print(f"mlflow: closed {len(closed)} run(s) left RUNNING", file=sys.stderr)
+        if error is not None:
+            client.set_tag(parent, "apollo.end", _reason(error))
+        client.set_terminated(parent, tracking_mod.end_status(error))
+        print(f"mlflow: experiment {study.experiment!r} at {uri}", file=sys.stderr)
 
 
 def check_resources(study: StudyConfig) -> None:
@@ -369,8 +710,13 @@ def main(argv: list[str] | None = None) -> int:
         if not ray.is_initialized():
             ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
         check_resources(study)
-        baseline = ensure_baseline(study)
-        summarize(study, run_search(study, baseline, args.resume))
+        with (
+            tracking_server(study) as uri,
+            study_run(study, args.study, uri, args.resume) as tracking,
+        ):
+            baseline = ensure_baseline(study, tracking)
+            summary = summarize(study, run_search(study, baseline, args.resume, tracking))
+            log_study_results(_client(tracking), tracking, study, summary, baseline)
     except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from apollo_ray.data import prepare
 
@@ -43,3 +44,57 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def tiny_study(tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0e9)) -> Path:
+    """A study YAML in `tmp_path`: a 4-layer GPT, 12 steps, 3 stages, random search over alpha
+    and the LR (an LR of 1e9 makes the loss NaN at step 1)."""
+    study = {
+        "experiment": experiment,
+        "output_dir": str(tmp_path / "outputs"),
+        "base": {
+            "seed": 0,
+            "model": {
+                "kind": "gpt",
+                "n_layer": 4,
+                "d_model": 32,
+                "n_head": 2,
+                "max_seq_len": 32,
+                "dropout": 0.0,
+            },
+            "data": {"path": str(gpt_data), "seq_len": 32},
+            "train": {
+                "steps": 12,
+                "micro_batch": 4,
+                "lr": 3.0e-3,
+                "eval_every": 4,
+                "eval_batches": 2,
+                "checkpoint_every": 6,
+                "log_every": 1,
+            },
+            "resources": {"workers": 1, "cpus_per_worker": 1},
+            "schedule": {"depths": [1, 2, 4], "stage_ends": [0.25, 0.5]},
+        },
+        "search": {
+            "trials": trials,
+            "max_concurrent_trials": 1,
+            "sampler": {"kind": "random", "seed": 0},
+            "objective": "speedup",
+            "space": {"schedule.alpha": {"float": [0.0, 1.0]}, "train.lr": {"choice": list(lrs)}},
+        },
+    }
+    path = tmp_path / f"{experiment}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_search(ray_cluster, tmp_path_factory, gpt_data) -> Path:
+    """One real small search (3 trials, 2 of them diverging), run once for every test that
+    inspects a finished study: its files, its MLflow records, the report and the UI. Returns the
+    study's output_dir (which holds the MLflow store)."""
+    from apollo_ray.tune import main
+
+    root = tmp_path_factory.mktemp("search")
+    assert main([str(tiny_study(root, gpt_data))]) == 0
+    return root / "outputs"

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import yaml
+from conftest import tiny_study
 
 from apollo_ray.config import ConfigError, load_run_config
 from apollo_ray.data import load_manifest
@@ -50,46 +51,6 @@ def test_pareto_front():
     assert [r["flops"] for r in pareto_front(rows)] == [10, 20, 40]
 
 
-def tiny_study(tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0e9)):
-    study = {
-        "experiment": experiment,
-        "output_dir": str(tmp_path / "outputs"),
-        "base": {
-            "seed": 0,
-            "model": {
-                "kind": "gpt",
-                "n_layer": 4,
-                "d_model": 32,
-                "n_head": 2,
-                "max_seq_len": 32,
-                "dropout": 0.0,
-            },
-            "data": {"path": str(gpt_data), "seq_len": 32},
-            "train": {
-                "steps": 12,
-                "micro_batch": 4,
-                "lr": 3.0e-3,
-                "eval_every": 4,
-                "eval_batches": 2,
-                "checkpoint_every": 6,
-                "log_every": 1,
-            },
-            "resources": {"workers": 1, "cpus_per_worker": 1},
-            "schedule": {"depths": [1, 2, 4], "stage_ends": [0.25, 0.5]},
-        },
-        "search": {
-            "trials": trials,
-            "max_concurrent_trials": 1,
-            "sampler": {"kind": "random", "seed": 0},
-            "objective": "speedup",
-            "space": {"schedule.alpha": {"float": [0.0, 1.0]}, "train.lr": {"choice": list(lrs)}},
-        },
-    }
-    path = tmp_path / f"{experiment}.yaml"
-    path.write_text(yaml.safe_dump(study))
-    return path
-
-
 def test_cached_baseline_is_reused_without_training(tmp_path, gpt_data):
     study = load_study(tiny_study(tmp_path, gpt_data))
     manifest = load_manifest(gpt_data).model_dump_json().encode()
@@ -109,9 +70,8 @@ def test_object_storage_output_is_refused_clearly(tmp_path, gpt_data):
 
 
 @pytest.mark.slow
-def test_search_scores_trials_and_records_failures(ray_cluster, tmp_path, gpt_data, capsys):
-    assert main([str(tiny_study(tmp_path, gpt_data))]) == 0
-    out = tmp_path / "outputs" / "tiny"
+def test_search_scores_trials_and_records_failures(tiny_search, gpt_data, capsys):
+    out = tiny_search / "tiny"
     summary = json.loads((out / "summary.json").read_text())
     statuses = [t["status"] for t in summary["trials"]]
     assert len(statuses) == 3 and statuses.count("ok") >= 1
@@ -121,12 +81,13 @@ def test_search_scores_trials_and_records_failures(ray_cluster, tmp_path, gpt_da
     assert ok["speedup"] > 0 and ok["params"]["train.lr"] == 3.0e-3
     best = load_run_config(out / "best.yaml")  # a ready-to-use run config
     assert best.train.lr == 3.0e-3 and best.schedule.alpha == ok["params"]["schedule.alpha"]
-    assert "loss is nan" in capsys.readouterr().out  # the table shows the reason
+    assert "loss is nan" in (out / "summary.txt").read_text()  # the table shows the reason
 
     # a second study with the same model, data and budget reuses the baseline
-    baseline = next((tmp_path / "outputs" / "baselines").iterdir()) / "metrics.jsonl"
+    baseline = next((tiny_search / "baselines").iterdir()) / "metrics.jsonl"
     mtime = baseline.stat().st_mtime_ns
-    assert main([str(tiny_study(tmp_path, gpt_data, "again", trials=1, lrs=(3.0e-3,)))]) == 0
+    again = tiny_study(tiny_search.parent, gpt_data, "again", trials=1, lrs=(3.0e-3,))
+    assert main([str(again)]) == 0
     assert baseline.stat().st_mtime_ns == mtime
     assert "baseline: reusing" in capsys.readouterr().err
 
