@@ -1,7 +1,9 @@
 # Two entry points for a fresh machine (Python 3.10+ with venv):
 #   make demo   install everything into .venv, run the main job: a schedule search on the demo
 #               corpus (local Ray, local outputs/)
-#   make test   install everything into .venv, lint, run the test suite
+#   make test   install everything into .venv (and Chromium for the browser test), lint, run
+#               the test suite
+#   make ui     the MLflow UI over outputs/ on http://127.0.0.1:5000
 # torch is installed first and on its own so that pip keeps the build you ask for
 # (TORCH=torch==2.13.0 is the CPU build on our dev machines; pass e.g. TORCH=torch for CUDA).
 
@@ -10,7 +12,9 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install demo test lint browser ui clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +32,19 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# Debian's Chromium + ChromeDriver for the MLflow UI browser test (skipped without them, except
+# in CI, where .ci/run sets CI=true and a missing browser fails the test).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "chromium not installed: the MLflow UI browser test will be skipped"
+
+test: lint browser
 	$(VENV)/bin/pytest
+
+ui: $(VENV)/.installed
+	$(PY) -m apollo_ray.ui
 
 clean:
 	rm -rf $(VENV) runs data outputs

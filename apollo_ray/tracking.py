@@ -109,8 +109,14 @@ class LocalServer:
     def __enter__(self) -> LocalServer:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
+            # its own session: a Ctrl-C in the terminal reaches the study, which still needs the
+            # server to close its runs, and then stops it; it dies with the study if that is killed
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -130,6 +136,13 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _answers(uri: str) -> bool:

@@ -623,6 +623,8 @@ def study_run(study: StudyConfig, yaml_path: str, uri: str, resume: bool) -> Ite
         exp_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp_id)
+    # MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it trains models
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
     tags = {tracking_mod.KIND: "study", tracking_mod.STUDY: study.experiment}
     found = tracking_mod.find_run(client, exp_id, **tags) if resume else None
     if found is not None:
@@ -655,13 +657,15 @@ def study_run(study: StudyConfig, yaml_path: str, uri: str, resume: bool) -> Ite
         error = e
         raise
     finally:
-        closed = tracking_mod.close_leftovers(client, exp_id, parent)
-        if closed:
-            print(f"mlflow: closed {len(closed)} run(s) left RUNNING", file=sys.stderr)
-        if error is not None:
-            client.set_tag(parent, "apollo.end", _reason(error))
-        client.set_terminated(parent, tracking_mod.end_status(error))
-        print(f"mlflow: experiment {study.experiment!r} at {uri}", file=sys.stderr)
+        try:
+            closed = tracking_mod.close_leftovers(client, exp_id, parent)
+            if closed:
+                print(f"mlflow: closed {len(closed)} run(s) left RUNNING", file=sys.stderr)
+            if error is not None:
+                client.set_tag(parent, "apollo.end", _reason(error))
+            client.set_terminated(parent, tracking_mod.end_status(error))
+        except Exception as e:  # MLflow unreachable: say so, keep the study's own error
+            print(f"mlflow: could not close the study's runs at {uri}: {e}", file=sys.stderr)
 
 
 def check_resources(study: StudyConfig) -> None:

@@ -230,11 +230,8 @@ def test_best_model_is_registered_in_hugging_face_format(tiny_search, tmp_path):
     (version,) = client.search_model_versions("name = 'tiny'")
     best = json.loads((tiny_search / "tiny" / "summary.json").read_text())["best"][0]
     assert version.tags["trial"] == best["trial"]
-    local = download_artifacts(
-        artifact_uri=f"models:/tiny/{version.version}",
-        dst_path=str(tmp_path),
-        tracking_uri=local_store(tiny_search)[0],
-    )
+    source = client.get_model_version_download_uri("tiny", version.version)
+    local = download_artifacts(artifact_uri=source, dst_path=str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(local)
     ckpt = load_checkpoint(
         tiny_search / "tiny" / "trials" / best["trial"] / "step-0000012" / "checkpoint.pt"
@@ -296,15 +293,31 @@ def test_mlflow_ui_shows_the_trials(tiny_search):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with LocalServer(tiny_search) as server:
         driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+        wait = WebDriverWait(driver, 90)
+        text = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
         try:
-            text = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
-            driver.get(f"{server.uri}/#/experiments/{exp.experiment_id}")
-            WebDriverWait(driver, 90).until(lambda d: "tiny" in text())
-            driver.save_screenshot(str(SCREENSHOTS / "mlflow-experiment.png"))
-            driver.get(f"{server.uri}/#/experiments/{exp.experiment_id}/runs/{ok.info.run_id}")
-            WebDriverWait(driver, 90).until(lambda d: "final_eval_loss" in text())
+            page = f"{server.uri}/#/experiments/{exp.experiment_id}"
+            driver.get(f"{page}/runs?workflowType=machine_learning")
+            expand = "button[data-component-id$='runnamecellrenderer.tsx_46']"  # the study row's +
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, expand))
+            for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+                close.click()  # the assistant side panel
+            driver.find_element(By.CSS_SELECTOR, expand).click()
+            names = "[col-id='attributes.`Run Name`'][role=gridcell] a"
+            shown = lambda: {a.text for a in driver.find_elements(By.CSS_SELECTOR, names)}  # noqa: E731
+            wait.until(lambda d: {"tiny", "baseline", *trials} <= shown())
+            driver.save_screenshot(str(SCREENSHOTS / "mlflow-runs.png"))
+
+            chart_view = driver.find_element(By.CSS_SELECTOR, "input[value=CHART]")
+            driver.execute_script("arguments[0].click()", chart_view)
+            search = "input[placeholder='Search metric charts']"
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, search))
+            driver.find_element(By.CSS_SELECTOR, search).send_keys("eval_loss")
+            wait.until(lambda d: f"{ok.info.run_name} (eval_loss)" in text() and "Step" in text())
+            driver.save_screenshot(str(SCREENSHOTS / "mlflow-eval-loss-charts.png"))
+
+            driver.get(f"{page}/runs/{ok.info.run_id}?workflowType=machine_learning")
+            wait.until(lambda d: "final_eval_loss" in text() and "speedup" in text())
             driver.save_screenshot(str(SCREENSHOTS / "mlflow-trial.png"))
-            assert ok.info.run_name in text() and "speedup" in text()
         finally:
             driver.quit()
-    assert trials

@@ -13,10 +13,12 @@ import time
 import pytest
 import yaml
 from conftest import tiny_study
+from mlflow import MlflowClient
 
 from apollo_ray.config import ConfigError, load_run_config
 from apollo_ray.data import load_manifest
 from apollo_ray.study import baseline_config, baseline_key, load_study
+from apollo_ray.tracking import KIND, TRIAL, local_store
 from apollo_ray.tune import check_resources, ensure_baseline, main, pareto_front, score
 
 
@@ -137,3 +139,13 @@ def test_interrupted_search_resumes_without_redoing_trials(ray_cluster, tmp_path
     assert [t["status"] for t in summary["trials"]] == ["ok"] * 3
     assert first in {t["trial"] for t in summary["trials"]}
     assert (out / "trials" / first / "metrics.jsonl").stat().st_mtime_ns == first_mtime
+
+    # MLflow: the resumed study continued its own runs (one per trial), none left RUNNING
+    client = MlflowClient(local_store(tmp_path / "outputs")[0])
+    exp = client.get_experiment_by_name("resumable")
+    runs = client.search_runs([exp.experiment_id])
+    kinds = sorted(r.data.tags[KIND] for r in runs)
+    assert kinds == ["baseline", "study", "trial", "trial", "trial"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    trial_runs = {r.data.tags[TRIAL] for r in runs if r.data.tags[KIND] == "trial"}
+    assert trial_runs == {t["trial"] for t in summary["trials"]}
