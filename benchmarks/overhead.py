@@ -1,5 +1,7 @@
-"""What Ray Train costs: tokens/s of the same model and batches in a plain PyTorch loop, our
-trainer in-process, and our trainer as one Ray Train worker; plus Ray's fixed start-up costs.
+"""What Ray Train and MLflow cost: tokens/s of the same model and batches in a plain PyTorch
+loop, our trainer in-process, our trainer as one Ray Train worker, and the same with rank 0
+mirroring the run into MLflow (a local `mlflow server` on 127.0.0.1, every row and the final
+checkpoint uploaded); plus Ray's fixed start-up costs.
 
     python -m benchmarks.overhead                # BERT 6 x 256, seq 128, batch 16, 40 steps
     python -m benchmarks.overhead --steps 20
@@ -99,6 +101,19 @@ def main() -> None:
     t0 = time.perf_counter()
     distributed.build_trainer(cfg("ray-1-worker"), progress=False).fit()
     ray_wall = time.perf_counter() - t0
+
+    from mlflow import MlflowClient
+
+    from apollo_ray.tracking import LocalServer, Target
+
+    with LocalServer(out / "mlflow") as server:
+        client = MlflowClient(server.uri)
+        run_id = client.create_run(client.create_experiment("overhead")).info.run_id
+        target = Target(server.uri, run_id, "last")
+        t0 = time.perf_counter()
+        distributed.build_trainer(cfg("ray-mlflow"), progress=False, tracking=target).fit()
+        mlflow_wall = time.perf_counter() - t0
+        logged = len(client.get_metric_history(run_id, "train_loss"))
     ray.shutdown()
 
     rows = [
@@ -113,14 +128,25 @@ def main() -> None:
             "tokens/s": steady_tokens_per_s(out / "ray-1-worker"),
             "run wall s": ray_wall,
         },
+        {
+            "loop": "... + MLflow mirror (local server)",
+            "tokens/s": steady_tokens_per_s(out / "ray-mlflow"),
+            "run wall s": mlflow_wall,
+        },
     ]
     for r in rows:
         r["vs plain"] = r["tokens/s"] / plain_tps - 1
     print_table(rows, ["loop", "tokens/s", "vs plain", "run wall s"])
-    fixed = {"ray_init_s": init_s, "ray_run_overhead_s": ray_wall - local_wall}
+    fixed = {
+        "ray_init_s": init_s,
+        "ray_run_overhead_s": ray_wall - local_wall,
+        "mlflow_run_overhead_s": mlflow_wall - ray_wall,
+        "mlflow_train_loss_points": logged,
+    }
     print(
         f"ray.init: {init_s:.1f} s; per-run Ray Train overhead (fit wall - in-process wall): "
-        f"{fixed['ray_run_overhead_s']:.1f} s"
+        f"{fixed['ray_run_overhead_s']:.1f} s; MLflow mirror: "
+        f"{fixed['mlflow_run_overhead_s']:+.1f} s per run ({logged} train_loss points in MLflow)"
     )
     path = save("overhead", {"args": vars(args), "torch_threads": threads, "rows": rows, **fixed})
     print(f"wrote {path}")
