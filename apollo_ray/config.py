@@ -204,6 +204,11 @@ class ResourcesConfig(Strict):
     max_failures: int = Field(
         2, ge=0, description="worker failures a run survives, resuming from its last checkpoint"
     )
+    worker_resources: dict[str, float] = Field(
+        {},
+        description="custom Ray resources each worker also needs, e.g. {accelerator_type:H100: "
+        "0.001} or a node label of your own (ray start --resources), to place workers on nodes",
+    )
 
 
 class RunConfig(Strict):

@@ -160,7 +160,7 @@ def build_trainer(
     cfg = absolute_paths(cfg)
     storage_path = storage_path or str(cfg.output_dir.parent)
     res = cfg.resources
-    per_worker = {"CPU": res.cpus_per_worker}
+    per_worker = {"CPU": res.cpus_per_worker, **res.worker_resources}
     if res.gpus_per_worker:
         per_worker["GPU"] = res.gpus_per_worker
     return TorchTrainer(

@@ -280,6 +280,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
+        if self.rank == 0:
+            print(f"{self.cfg.name}: resuming from the checkpoint of step {self.state.step}")
         rng = ckpt["rng"][self.rank]
         torch.set_rng_state(rng["cpu"])
         if self.device.type == "cuda" and rng["cuda"] is not None:

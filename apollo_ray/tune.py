@@ -676,6 +676,7 @@ def check_resources(study: StudyConfig) -> None:
     need = {
         "CPU": res.workers * res.cpus_per_worker + DRIVER_CPU,
         "GPU": res.workers * res.gpus_per_worker,
+        **{k: res.workers * v for k, v in res.worker_resources.items()},
     }
     for kind, amount in need.items():
         if amount > total.get(kind, 0):
