@@ -63,6 +63,7 @@ OBJECTIVES: dict[str, tuple[Any, Any]] = {
 DONE_MARKER = "done.json"
 TRACKING_SESSION = "mlflow-session.json"  # where this study logs now (see _trial_runs_callback)
 DRIVER_CPU = 0.1  # a trial driver only waits on its TorchTrainer, whose workers hold the CPUs
+HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node (ray._common.constants)
 
 
 def study_dir(study: StudyConfig) -> Path:
@@ -355,7 +356,9 @@ def run_search(
             baseline=str(baseline),
             tracking=tracking,
         ),
-        {"CPU": DRIVER_CPU},
+        # on the head node: a trial's Train controller runs beside its driver, and a GPU node
+        # that goes away (spot reclaim, failure) must take only workers with it
+        {"CPU": DRIVER_CPU, HEAD_NODE: 0.001},
     )
     if (root / "search").exists():
         if not resume:

@@ -1,0 +1,90 @@
+"""A search on a two-node Ray cluster on loopback (`ray.cluster_utils.Cluster`: a head and one
+more node, each with its own raylet and object store), with a custom resource that puts one
+of each trial's two Ray Train workers on each node. The non-head node is killed in the middle
+of the trial and comes back: the trial resumes from its checkpoint and the study finishes,
+completely recorded in MLflow. Storage is a folder both nodes see (on a real cluster: a shared
+file system or bucket, see cluster/README.md)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import tiny_study
+from mlflow import MlflowClient
+
+from apollo_ray.tracking import KIND, local_store
+
+STEPS, EVERY = 400, 50
+
+
+def last_step(metrics) -> int:
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+@pytest.mark.slow
+def test_search_across_two_nodes_survives_losing_one(tmp_path, gpt_data):
+    from ray.cluster_utils import Cluster
+
+    path = tiny_study(tmp_path, gpt_data, "multinode", trials=1, lrs=(3.0e-3,))
+    study = yaml.safe_load(path.read_text())
+    study["base"]["train"].update(steps=STEPS, checkpoint_every=EVERY, eval_every=EVERY)
+    study["base"]["train"]["log_every"] = 10
+    study["base"]["resources"].update(workers=2, max_failures=3, worker_resources={"slot": 1})
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "outputs" / "multinode"
+
+    head = {"num_cpus": 2, "resources": {"slot": 1}}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    other = cluster.add_node(num_cpus=1, resources={"slot": 1})
+    log = tmp_path / "study.log"
+    try:
+        with log.open("w") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "apollo_ray.tune", str(path)],
+                env={**os.environ, "RAY_ADDRESS": cluster.address},
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.time() + 400
+        trial_metrics = None
+        while time.time() < deadline and proc.poll() is None:
+            found = list((out / "trials").glob("*/metrics.jsonl"))
+            if found and last_step(found[0]) >= EVERY + 20:  # past its first checkpoint
+                trial_metrics = found[0]
+                break
+            time.sleep(0.2)
+        assert trial_metrics is not None, log.read_text()[-3000:]
+        cluster.remove_node(other)  # the node with one of the trial's workers dies
+        time.sleep(10)
+        assert proc.poll() is None, "the study should wait for the node to come back"
+        cluster.add_node(num_cpus=1, resources={"slot": 1})
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        cluster.shutdown()
+
+    text = log.read_text()
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if "resuming from" in line]
+    assert resumed and all(s % EVERY == 0 and s >= EVERY for s in resumed), text[-3000:]
+    rows = [json.loads(line) for line in trial_metrics.read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(10, STEPS + 1, 10))  # one uninterrupted record after the resume
+    summary = json.loads((out / "summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["ok"]
+
+    client = MlflowClient(local_store(tmp_path / "outputs")[0])
+    exp = client.get_experiment_by_name("multinode")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags[KIND] for r in runs) == ["baseline", "study", "trial"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    trial = next(r for r in runs if r.data.tags[KIND] == "trial")
+    logged = {m.step for m in client.get_metric_history(trial.info.run_id, "train_loss")}
+    assert logged == set(steps)
+    artifacts = {a.path for a in client.list_artifacts(trial.info.run_id, "checkpoints")}
+    assert f"checkpoints/step-{STEPS:07d}.pt" in artifacts
