@@ -612,6 +612,20 @@ def tracking_server(study: StudyConfig) -> Iterator[str]:
         yield server.uri
 
 
+def check_tracking(uri: str) -> None:
+    """Fail fast, before Ray starts, with the URI in the message if MLflow does not answer."""
+    from mlflow import MlflowClient
+
+    try:
+        with tracking_mod.quick_failure(patient=False):
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise ConfigError(
+            f"tracking.mlflow_uri: MLflow at {uri} does not answer ({type(e).__name__}); start "
+            "the server, fix the URI, or leave it null for the local store"
+        ) from None
+
+
 @contextmanager
 def study_run(study: StudyConfig, yaml_path: str, uri: str, resume: bool) -> Iterator[dict]:
     """The study's MLflow experiment and parent run (a resumed study continues its own), ended
@@ -713,18 +727,17 @@ def main(argv: list[str] | None = None) -> int:
         study = with_absolute_paths(load_study(args.study))
         study_dir(study)  # a bad output_dir fails here, before Ray starts
         prepare_data(study)
-        import ray
+        with tracking_server(study) as uri:
+            check_tracking(uri)
+            import ray
 
-        if not ray.is_initialized():
-            ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
-        check_resources(study)
-        with (
-            tracking_server(study) as uri,
-            study_run(study, args.study, uri, args.resume) as tracking,
-        ):
-            baseline = ensure_baseline(study, tracking)
-            summary = summarize(study, run_search(study, baseline, args.resume, tracking))
-            log_study_results(_client(tracking), tracking, study, summary, baseline)
+            if not ray.is_initialized():
+                ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+            check_resources(study)
+            with study_run(study, args.study, uri, args.resume) as tracking:
+                baseline = ensure_baseline(study, tracking)
+                summary = summarize(study, run_search(study, baseline, args.resume, tracking))
+                log_study_results(_client(tracking), tracking, study, summary, baseline)
     except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)
         return 2

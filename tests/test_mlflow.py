@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
@@ -321,3 +322,16 @@ def test_mlflow_ui_shows_the_trials(tiny_search):
             driver.save_screenshot(str(SCREENSHOTS / "mlflow-trial.png"))
         finally:
             driver.quit()
+
+
+def test_unreachable_tracking_server_at_study_start_is_a_clear_error(tmp_path, gpt_data, capsys):
+    from conftest import tiny_study
+
+    from apollo_ray.tune import main
+
+    path = tiny_study(tmp_path, gpt_data, "nowhere")
+    study = yaml.safe_load(path.read_text())
+    study["tracking"] = {"mlflow_uri": f"http://127.0.0.1:{free_port()}"}
+    path.write_text(yaml.safe_dump(study))
+    assert main([str(path)]) == 2
+    assert "tracking.mlflow_uri: MLflow at http://127.0.0.1:" in capsys.readouterr().err
