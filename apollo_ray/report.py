@@ -203,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     if baseline is None or not scored:
         print("no baseline or no scored trial yet: no plot", file=sys.stderr)
         return 0
-    base = curve_of(client, baseline["run_id"], "scratch")
-    curves = [curve_of(client, r["run_id"], r["run"]) for r in scored[: args.top]]
+    try:
+        base = curve_of(client, baseline["run_id"], "scratch")
+        curves = [curve_of(client, r["run_id"], r["run"]) for r in scored[: args.top]]
+    except ValueError as e:  # a run whose curve is not (yet) in MLflow: try --sync
+        print(f"no plot: {e} (run with --sync to upload what runs left behind)", file=sys.stderr)
+        return 0
     out = args.out or study_dir / "report" / "loss_vs_flops.png"
     plot_loss_vs_flops(curves, base, out, title=f"{args.experiment}: best {len(curves)} trials")
     print(f"plot: {out}", file=sys.stderr)

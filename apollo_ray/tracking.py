@@ -160,7 +160,8 @@ def _answers(uri: str) -> bool:
 @contextmanager
 def quick_failure(patient: bool) -> Iterator[None]:
     """MLflow retries a failed HTTP request 7 times with growing pauses (minutes in all); while
-    training, one short attempt is enough (the upload is tried again later)."""
+    training, one attempt is enough (the upload is tried again later). The timeout is the wait
+    for an answer, not for a whole checkpoint upload; a refused connection fails at once."""
     if patient:
         yield
         return
@@ -168,7 +169,7 @@ def quick_failure(patient: bool) -> Iterator[None]:
         k: os.environ.get(k)
         for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
     }
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="30")
     try:
         yield
     finally:
@@ -202,6 +203,8 @@ def start_run(
     found = None if fresh else find_run(client, experiment_id, **tags)
     if found is not None:
         client.update_run(found.info.run_id, status="RUNNING")
+        if parent_id:  # a resumed study may have a new parent run: the child moves under it
+            client.set_tag(found.info.run_id, MLFLOW_PARENT_RUN_ID, parent_id)
         return found.info.run_id
     all_tags = {**tags, MLFLOW_RUN_NAME: name}
     if parent_id:
@@ -299,6 +302,7 @@ class RunMirror:
         self.last = 0.0
         self.pause, self.retry_at, self.warned = 5.0, 0.0, False
         self.start()
+        self._save()  # the run folder names its MLflow run from the start (for `sync`)
 
     def start(self) -> None:
         """Called when training (re)starts: a resumed run rewrote metrics.jsonl up to its

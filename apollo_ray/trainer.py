@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = 1
+RESUMES = "resumes.jsonl"  # one row per restart from a checkpoint: {"step", "time"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -280,8 +281,11 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
-        if self.rank == 0:
+        if self.rank == 0:  # said, and recorded: when and from where this run resumed
             print(f"{self.cfg.name}: resuming from the checkpoint of step {self.state.step}")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with (self.run_dir / RESUMES).open("a") as f:
+                f.write(json.dumps({"step": self.state.step, "time": time.time()}) + "\n")
         rng = ckpt["rng"][self.rank]
         torch.set_rng_state(rng["cpu"])
         if self.device.type == "cuda" and rng["cuda"] is not None:

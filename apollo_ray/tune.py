@@ -229,7 +229,8 @@ def tracked_run(
         raise
     finally:
         try:
-            tracking_mod.sync(cfg.output_dir, tracking["uri"])
+            mirror = tracking_mod.RunMirror(target, cfg.output_dir, cfg.train.steps, patient=True)
+            mirror.flush()  # whatever rank 0 could not send (e.g. from a node without access)
             if error is not None:
                 client.set_tag(run_id, "apollo.end", _reason(error))
             client.set_terminated(run_id, tracking_mod.end_status(error))
@@ -257,7 +258,22 @@ def log_run_results(
     scores: dict[str, Any] | None,
 ) -> None:
     """A finished run's totals and acceleration metrics, its loss-vs-FLOPs plot against the
-    baseline and (Apollo runs) its depth histogram per stage, into its MLflow run."""
+    baseline and (Apollo runs) its depth histogram per stage, into its MLflow run. An MLflow
+    failure here is reported, not raised: the run's scores must still reach Tune and Optuna."""
+    try:
+        _log_run_results(client, run_id, cfg, metrics, baseline, scores)
+    except Exception as e:
+        print(f"mlflow: results of run {run_id} not logged: {e}", file=sys.stderr)
+
+
+def _log_run_results(
+    client,
+    run_id: str,
+    cfg: RunConfig,
+    metrics: Path,
+    baseline: Path,
+    scores: dict[str, Any] | None,
+) -> None:
     from mlflow.entities import Metric
 
     from apollo_ray.plots import depth_histogram
@@ -306,6 +322,15 @@ def _trial_runs_callback(study: StudyConfig, tracking: dict[str, str]):
             self._close(trial, "FAILED", "the trial's driver failed")
 
         def _close(self, trial, status: str, reason: str) -> None:
+            # Tune does not catch a callback's exception: MLflow being down must not end the
+            # study (its end closes what is left), nor block Tune's loop in HTTP retries
+            try:
+                with tracking_mod.quick_failure(patient=False):
+                    self._close_run(trial, status, reason)
+            except Exception as e:
+                print(f"mlflow: trial {trial.trial_id} not closed: {e}", file=sys.stderr)
+
+        def _close_run(self, trial, status: str, reason: str) -> None:
             tracking = json.loads(self.session.read_text())
             client = _client(tracking)
             run = tracking_mod.find_run(
@@ -361,11 +386,7 @@ def run_search(
         {"CPU": DRIVER_CPU, HEAD_NODE: 0.001},
     )
     if (root / "search").exists():
-        if not resume:
-            raise ConfigError(
-                f"{root / 'search'} already holds this study: pass --resume to finish it (or "
-                "see its results), or choose another `experiment` name"
-            )
+        check_new_or_resumed(study, resume)
         return tune.Tuner.restore(
             str(root / "search"),
             trainable,
@@ -554,7 +575,10 @@ def log_study_results(
             )
         client.log_artifacts(parent, tmp, "plots")
     if best:
-        register_best(client, tracking, study, best[0]["trial"])
+        try:
+            register_best(client, tracking, study, best[0]["trial"])
+        except Exception as e:  # the study itself is complete: say so, do not fail it
+            print(f"mlflow: best model not registered: {e}", file=sys.stderr)
 
 
 def register_best(client, tracking: dict[str, str], study: StudyConfig, trial: str) -> None:
@@ -610,6 +634,16 @@ def tracking_server(study: StudyConfig) -> Iterator[str]:
             file=sys.stderr,
         )
         yield server.uri
+
+
+def check_new_or_resumed(study: StudyConfig, resume: bool) -> None:
+    """A study that already ran continues only with --resume (checked before anything starts)."""
+    search = study_dir(study) / "tune" / "search"
+    if search.exists() and not resume:
+        raise ConfigError(
+            f"{search} already holds this study: pass --resume to finish it (or see its "
+            "results), or choose another `experiment` name"
+        )
 
 
 def check_tracking(uri: str) -> None:
@@ -725,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         study = with_absolute_paths(load_study(args.study))
-        study_dir(study)  # a bad output_dir fails here, before Ray starts
+        check_new_or_resumed(study, args.resume)  # also: a bad output_dir fails here
         prepare_data(study)
         with tracking_server(study) as uri:
             check_tracking(uri)
