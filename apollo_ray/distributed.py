@@ -14,7 +14,9 @@ steps since the last checkpoint, not the run.
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import signal
 import tempfile
 from dataclasses import asdict
@@ -30,13 +32,20 @@ from ray.train.torch import TorchTrainer
 
 from apollo_ray.config import RunConfig
 from apollo_ray.tracking import RunMirror, Target
-from apollo_ray.trainer import NonFiniteLossError, Trainer, is_periodic, load_checkpoint
+from apollo_ray.trainer import (
+    NonFiniteLossError,
+    Trainer,
+    checkpoint_order,
+    is_periodic,
+    load_checkpoint,
+)
 
 __all__ = ["RayStore", "build_trainer", "raise_if_diverged", "run", "train_worker"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FAULT_MARKER = ".fault-injected"
 DIVERGED = "diverged.txt"  # written by rank 0 when the loss became NaN/inf
+CHECKPOINT_NAME = re.compile(r"step-\d{7}(\.pre-growth|\.post-growth)?")
 
 
 class RayStore:
@@ -58,11 +67,20 @@ class RayStore:
         return f"{self.uri}/{name}/{CHECKPOINT_FILE}"
 
     def latest(self) -> dict[str, Any] | None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as directory:
-            return load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+        """The newest checkpoint in the run's storage that loads. Not `ray.train.get_checkpoint()`:
+        Ray registers a checkpoint only when its controller processes the report, so a worker
+        group that dies right after persisting one (a node lost) restarted from an older one
+        or from scratch (seen in tests/test_multinode.py). A file cut short is skipped."""
+        found = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root, allow_not_found=True))
+        names = [i.base_name for i in found if CHECKPOINT_NAME.fullmatch(i.base_name)]
+        for name in sorted(names, key=checkpoint_order, reverse=True):
+            path = f"{self.root}/{name}/{CHECKPOINT_FILE}"
+            try:
+                with self.fs.open_input_file(path) as f:
+                    return load_checkpoint(io.BytesIO(f.read()), name=path)
+            except (OSError, RuntimeError, ValueError, EOFError) as e:
+                print(f"skipping checkpoint {path}: {e}")
+        return None
 
     def report(
         self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None, name: str = ""

@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -114,11 +114,9 @@ def is_periodic(name: str) -> bool:
 def checkpoints(run_dir: Path) -> list[Path]:
     """A run's checkpoints, oldest first (at one step: periodic, pre-growth, post-growth)."""
 
-    def key(path: Path) -> tuple[int, int]:
-        step, _, tag = path.name.removesuffix(".pt").partition(".")
-        return int(step.removeprefix("step-")), TAGS.index(f".{tag}" if tag else "")
-
-    return sorted((run_dir / "checkpoints").glob("step-*.pt"), key=key)
+    return sorted(
+        (run_dir / "checkpoints").glob("step-*.pt"), key=lambda p: checkpoint_order(p.name)
+    )
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -126,12 +124,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (`weights_only=True`: tensors and plain Python types only)."""
+def load_checkpoint(path: Path | IO[bytes], name: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint (a path or an open binary file) safely (`weights_only=True`: tensors
+    and plain Python types only)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an apollo_ray checkpoint (format {CHECKPOINT_FORMAT})")
+        raise ValueError(
+            f"{name or path}: not an apollo_ray checkpoint (format {CHECKPOINT_FORMAT})"
+        )
     return ckpt
+
+
+def checkpoint_order(name: str) -> tuple[int, int]:
+    """Sort key of checkpoint names (`step-0000150[.pre-growth|.post-growth]`, with or without
+    `.pt`): by step, and at one step periodic, pre-growth, post-growth."""
+    step, _, tag = name.removesuffix(".pt").partition(".")
+    return int(step.removeprefix("step-")), TAGS.index(f".{tag}" if tag else "")
 
 
 class Store(Protocol):
