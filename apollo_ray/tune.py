@@ -260,20 +260,6 @@ def log_run_results(
     """A finished run's totals and acceleration metrics, its loss-vs-FLOPs plot against the
     baseline and (Apollo runs) its depth histogram per stage, into its MLflow run. An MLflow
     failure here is reported, not raised: the run's scores must still reach Tune and Optuna."""
-    try:
-        _log_run_results(client, run_id, cfg, metrics, baseline, scores)
-    except Exception as e:
-        print(f"mlflow: results of run {run_id} not logged: {e}", file=sys.stderr)
-
-
-def _log_run_results(
-    client,
-    run_id: str,
-    cfg: RunConfig,
-    metrics: Path,
-    baseline: Path,
-    scores: dict[str, Any] | None,
-) -> None:
     from mlflow.entities import Metric
 
     from apollo_ray.plots import depth_histogram
@@ -288,16 +274,20 @@ def _log_run_results(
     if scores is not None:
         totals |= {"saving": scores["saving"], "speedup": scores["speedup"]}
         totals |= {k: v for k, v in scores.items() if k.startswith("acc_")}
-    now = int(time.time() * 1000)
-    step = cfg.train.steps
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in totals.items()])
-    with tempfile.TemporaryDirectory() as tmp:
-        curves = [] if scores is None else [curve]
-        plot_loss_vs_flops(curves, base, Path(tmp) / "loss_vs_flops.png", title=cfg.name)
-        if cfg.schedule is not None:
-            depth_histogram(cfg, Path(tmp) / "depth_histogram.png")
-        client.log_artifacts(run_id, tmp, "plots")
-        client.log_artifact(run_id, str(cfg.output_dir / "config.json"))
+    now, step = int(time.time() * 1000), cfg.train.steps
+    try:
+        client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, step) for k, v in totals.items()]
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            curves = [] if scores is None else [curve]
+            plot_loss_vs_flops(curves, base, Path(tmp) / "loss_vs_flops.png", title=cfg.name)
+            if cfg.schedule is not None:
+                depth_histogram(cfg, Path(tmp) / "depth_histogram.png")
+            client.log_artifacts(run_id, tmp, "plots")
+            client.log_artifact(run_id, str(cfg.output_dir / "config.json"))
+    except Exception as e:
+        print(f"mlflow: results of run {run_id} not logged: {e}", file=sys.stderr)
 
 
 def _trial_runs_callback(study: StudyConfig, tracking: dict[str, str]):
