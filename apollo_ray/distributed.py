@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import re
 import signal
 import tempfile
@@ -31,6 +32,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from apollo_ray.config import RunConfig
+from apollo_ray.data.shards import join_uri
 from apollo_ray.tracking import RunMirror, Target
 from apollo_ray.trainer import (
     NonFiniteLossError,
@@ -61,10 +63,10 @@ class RayStore:
             self.fs, self.root = pyarrow.fs.FileSystem.from_uri(storage)
         else:
             self.fs, self.root = pyarrow.fs.LocalFileSystem(), storage
-        self.uri, self.keep, self.rank = storage.rstrip("/"), keep, rank
+        self.uri, self.keep, self.rank = storage, keep, rank
 
     def location(self, name: str) -> str:
-        return f"{self.uri}/{name}/{CHECKPOINT_FILE}"
+        return join_uri(self.uri, name, CHECKPOINT_FILE)
 
     def latest(self) -> dict[str, Any] | None:
         """The newest checkpoint in the run's storage that loads. Not `ray.train.get_checkpoint()`:
@@ -78,7 +80,7 @@ class RayStore:
             try:
                 with self.fs.open_input_file(path) as f:
                     return load_checkpoint(io.BytesIO(f.read()), name=path)
-            except (OSError, RuntimeError, ValueError, EOFError) as e:
+            except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
                 print(f"skipping checkpoint {path}: {e}")
         return None
 
@@ -187,7 +189,7 @@ def build_trainer(
             "run": cfg.model_dump(mode="json"),
             "kill_at_step": kill_at_step,
             "progress": progress,
-            "storage": f"{storage_path.rstrip('/')}/{cfg.output_dir.name}",
+            "storage": join_uri(storage_path, cfg.output_dir.name),
             "tracking": asdict(tracking) if tracking else None,
         },
         scaling_config=ScalingConfig(

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .shards import Manifest, load_manifest, open_split
+from .shards import Manifest, join_uri, load_manifest, open_split
 from .sources import DataError
 from .tokenizer import Kind
 
@@ -70,7 +70,7 @@ class Batches:
     @property
     def tokenizer_path(self) -> str:
         """Where the data's `tokenizer.json` is (a local path or a URI, like `config.path`)."""
-        return f"{self.config.path.rstrip('/')}/{self.manifest.tokenizer}"
+        return join_uri(self.config.path, self.manifest.tokenizer)
 
     def batch(
         self,

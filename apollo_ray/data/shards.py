@@ -274,6 +274,13 @@ def _is_uri(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+def join_uri(location: str, *parts: str) -> str:
+    """`location/part/...` for a path or a `pyarrow.fs` URI, keeping a URI's query (such as
+    `?endpoint_override=...`) at the end where pyarrow expects it."""
+    base, sep, query = location.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
 def load_manifest(location: str | Path) -> Manifest:
     """The manifest of prepared data at a local directory or a `pyarrow.fs` URI."""
     try:

@@ -1,0 +1,89 @@
+"""Object storage over the real S3 protocol: a local S3 server (moto's, on 127.0.0.1) that
+pyarrow talks to as it would to AWS. Prepared shards are read from it, and a Ray Train run's
+checkpoint storage there is found, resumed from and pruned."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.fs
+import pytest
+import torch
+
+from apollo_ray.config import DataConfig
+from apollo_ray.data import Batches
+from apollo_ray.data.shards import join_uri
+from apollo_ray.distributed import CHECKPOINT_FILE, RayStore
+from apollo_ray.trainer import CHECKPOINT_FORMAT
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """`s3://bucket?endpoint_override=...` of a fresh moto S3 server (dummy credentials)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = pytest.MonkeyPatch()
+    env.setenv("AWS_ACCESS_KEY_ID", "test")
+    env.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&allow_bucket_creation=true"
+    uri = f"s3://bucket?{query}"
+    fs, _ = pyarrow.fs.FileSystem.from_uri(uri)
+    deadline = time.time() + 60
+    while True:
+        try:
+            fs.create_dir("bucket")
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    yield uri
+    env.undo()
+    server.terminate()
+    server.wait(10)
+
+
+def test_shards_read_from_s3_give_the_same_batches(s3, gpt_data):
+    fs, _ = pyarrow.fs.FileSystem.from_uri(s3)
+    pyarrow.fs.copy_files(
+        str(gpt_data),
+        "bucket/gpt",
+        source_filesystem=pyarrow.fs.LocalFileSystem(),
+        destination_filesystem=fs,
+    )
+    local = Batches(DataConfig(path=str(gpt_data), seq_len=32), "gpt", "train", seed=1)
+    remote = Batches(DataConfig(path=join_uri(s3, "gpt"), seq_len=32), "gpt", "train", seed=1)
+    for step in (0, 7):
+        a = local.batch(step, 0, micro_batch=4, rank=1, world_size=2)
+        b = remote.batch(step, 0, micro_batch=4, rank=1, world_size=2)
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    with fs.open_input_stream(remote.tokenizer_path.split("?")[0].removeprefix("s3://")) as f:
+        assert f.read() == (gpt_data / local.manifest.tokenizer).read_bytes()
+
+
+def test_checkpoint_storage_on_s3(s3):
+    storage = join_uri(s3, "runs", "trial")
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    store = RayStore(storage, keep=1, rank=0)
+    assert store.latest() is None  # nothing stored yet
+    for name, step in [("step-0000004", 4), ("step-0000006.pre-growth", 6), ("step-0000008", 8)]:
+        ckpt = {"format": CHECKPOINT_FORMAT, "state": {"step": step}, "w": torch.ones(2) * step}
+        with fs.open_output_stream(f"{root}/{name}/{CHECKPOINT_FILE}") as f:
+            torch.save(ckpt, f)
+    with fs.open_output_stream(f"{root}/step-0000010/{CHECKPOINT_FILE}") as f:
+        f.write(b"cut short by a lost node")
+    latest = store.latest()  # the newest that loads (step 10's file is broken)
+    assert latest["state"]["step"] == 8 and np.allclose(latest["w"].numpy(), 8)
+    assert store.location("step-0000008").startswith(f"{s3.split('?')[0]}/runs/trial/step-0000008/")
+    store._prune()  # keep 1 periodic checkpoint, every stage-boundary one
+    left = {i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))}
+    assert left == {"step-0000010", "step-0000006.pre-growth"}
