@@ -27,6 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from apollo_ray import tracking
 from apollo_ray.acceleration import Curve, plot_loss_vs_flops
+from apollo_ray.tune import text_table
 
 __all__ = ["curve_of", "main", "study_runs", "sync_study", "table_rows"]
 
@@ -112,11 +113,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(header)]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-        for line in [header, *lines]
-    )
+    return text_table(header, lines)
 
 
 def curve_of(client: MlflowClient, run_id: str, name: str) -> Curve:

@@ -113,7 +113,6 @@ def is_periodic(name: str) -> bool:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """A run's checkpoints, oldest first (at one step: periodic, pre-growth, post-growth)."""
-
     return sorted(
         (run_dir / "checkpoints").glob("step-*.pt"), key=lambda p: checkpoint_order(p.name)
     )
@@ -239,7 +238,7 @@ class Trainer:
         self.progress = progress and rank == 0
         self.run_dir = cfg.output_dir
         self.store = store or LocalStore(self.run_dir, cfg.train.keep_checkpoints)
-        self.tracker = tracker if rank == 0 else None
+        self.tracker = tracker if tracker is not None and rank == 0 else _NoTracker()
         torch.manual_seed(cfg.seed)
         self.train_data = Batches(cfg.data, cfg.model.kind, "train", cfg.seed)
         self.val_data = Batches(cfg.data, cfg.model.kind, "val", cfg.seed)
@@ -313,7 +312,7 @@ class Trainer:
         main = self.rank == 0
         metrics_path = self.run_dir / "metrics.jsonl" if main else None
         log = MetricsLog(metrics_path, self.state.step, len(self.model.layers))
-        tracker = self.tracker or _NoTracker()
+        tracker = self.tracker
         tracker.start()  # after the metrics log dropped what the checkpoint does not cover
         bar = tqdm(
             total=cfg.steps,
@@ -530,8 +529,7 @@ class Trainer:
         ckpt = self.checkpoint(rngs) if self.rank == 0 else None
         name = f"step-{self.state.step:07d}{tag}"
         self.store.report(row, ckpt, name)
-        if self.tracker is not None:
-            self.tracker.checkpoint(name, self.store.location(name), row)
+        self.tracker.checkpoint(name, self.store.location(name), row)
 
     def checkpoint(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         """Model, optimizer, state, per-rank RNG states and config: all a resumed run needs."""
@@ -550,12 +548,15 @@ class Trainer:
 
 
 class _NoTracker:
-    """What `fit` talks to when the run is not tracked (and on every rank but 0)."""
+    """The tracker of a run that is not tracked (and of every rank but 0): does nothing."""
 
     def start(self) -> None:
         pass
 
     def poll(self) -> None:
+        pass
+
+    def checkpoint(self, name: str, location: str, row: dict[str, Any]) -> None:
         pass
 
     def close(self) -> bool:

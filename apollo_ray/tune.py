@@ -514,6 +514,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
+    return text_table(header, lines)
+
+
+def text_table(header: list[str], lines: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart, the header first."""
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
