@@ -7,9 +7,11 @@
 
 Both loops run in this one process, alternating in rounds so that machine noise hits both; the
 plain loop gets its batches pre-built, ours builds them (masking included) every step, so the
-gap is everything our step adds. `--depths` adds plain-loop rows that run only the first d
-layers (the cost of one Apollo step at sampled depth d): on a GPU, shallow steps may use the
-chip less well than full ones, which is the gap between Apollo's FLOPs and wall-time savings.
+gap is everything our step adds; a third row reads the loss on the host every step, the one
+wait our step needs to stop a NaN before the optimizer step. `--depths` adds plain-loop rows
+that run only the first d layers (the cost of one Apollo step at sampled depth d): on a GPU,
+shallow steps may use the chip less well than full ones, which is the gap between Apollo's
+FLOPs and wall-time savings.
 MFU = model FLOPs/s (the count in `apollo_ray.model.flops_per_microbatch`) over the chip's
 dense bf16 peak (`--peak-tflops`, known for A100/H100/H200). Writes
 benchmarks/results/throughput-<kind>-<device>.json.
@@ -60,11 +62,12 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def plain_loop(
-    cfg: RunConfig, model_cfg, batches, device, depth: int | None = None
+    cfg: RunConfig, model_cfg, batches, device, depth: int | None = None, read_loss: bool = False
 ) -> Callable[[int], None]:
     """The minimal loop a person would write: forward, backward, clip, AdamW step.
 
-    `depth` runs only the first `depth` layers (all of them by default)."""
+    `depth` runs only the first `depth` layers (all of them by default); `read_loss` reads the
+    loss on the host every step (as a trainer that checks it before the optimizer step must)."""
     torch.manual_seed(cfg.seed)
     model = TransformerLM(model_cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.01)
@@ -78,6 +81,8 @@ def plain_loop(
                 _, loss = model(x, y, plan)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            if read_loss:
+                loss.item()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -139,6 +144,7 @@ def main() -> None:
     loops: dict[str, tuple[Callable[[int], None], int]] = {
         "plain PyTorch loop": (plain_loop(cfg, model_cfg, batches, device), full),
         "apollo_ray Trainer.train_step": (ours, full),
+        "plain loop + loss.item()": (plain_loop(cfg, model_cfg, batches, device, None, True), full),
     }
     for d in args.depths:
         loops[f"plain loop, depth {d}"] = (plain_loop(cfg, model_cfg, batches, device, d), d)
