@@ -42,7 +42,7 @@ from apollo_ray.trainer import (
     load_checkpoint,
 )
 
-__all__ = ["RayStore", "build_trainer", "raise_if_diverged", "run", "train_worker"]
+__all__ = ["RayStore", "build_trainer", "fetch", "raise_if_diverged", "run", "train_worker"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FAULT_MARKER = ".fault-injected"
@@ -213,14 +213,32 @@ def run(
     address: str | None = None,
     kill_at_step: int | None = None,
     tracking: Target | None = None,
+    storage_path: str | None = None,
 ):
     """Train `cfg` on Ray (starting a local instance unless `address`/RAY_ADDRESS names one) and
     return the Ray Train `Result`. Raises `NonFiniteLossError` if the loss diverged."""
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    result = build_trainer(cfg, kill_at_step=kill_at_step, tracking=tracking).fit()
+    trainer = build_trainer(
+        cfg, storage_path=storage_path, kill_at_step=kill_at_step, tracking=tracking
+    )
+    result = trainer.fit()
     raise_if_diverged(cfg)
     return result
+
+
+def fetch(location: str, dest: Path) -> bool:
+    """Copy the file at `location` (a path or a pyarrow.fs URI) to `dest`; False if none."""
+    if "://" in location:
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+    else:
+        fs, path = pyarrow.fs.LocalFileSystem(), location
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return False
+    pyarrow.fs.copy_files(
+        path, str(dest), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem()
+    )
+    return True
 
 
 def raise_if_diverged(cfg: RunConfig) -> None:

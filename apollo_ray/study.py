@@ -52,6 +52,7 @@ from apollo_ray.config import (
     format_validation_error,
     load_yaml,
 )
+from apollo_ray.data.shards import join_uri
 from apollo_ray.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -306,7 +307,13 @@ class StudyConfig(Strict):
         "outputs",
         min_length=1,
         description="studies live in <output_dir>/<experiment>/, the baseline cache in "
-        "<output_dir>/baselines/ (shared storage such as s3:// on a multi-node cluster)",
+        "<output_dir>/baselines/: a folder (on a multi-node cluster, one every node sees)",
+    )
+    storage_path: str | None = Field(
+        None,
+        min_length=1,
+        description="Ray Train checkpoints and Tune's search state: a folder or an s3:// / gs:// "
+        "URI every node reaches, laid out like output_dir; null: in output_dir",
     )
     prepare: PrepareConfig | None = Field(
         None, description="data to prepare when base.data.path has no manifest.json yet"
@@ -325,6 +332,17 @@ class StudyConfig(Strict):
             raise ValueError(f"{name!r} is reserved; choose another name")
         return name
 
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder(cls, output_dir: str) -> str:
+        if "://" in output_dir:
+            raise ValueError(
+                f"{output_dir!r} is a URI: output_dir holds the runs' logs and must be a folder "
+                "(on a cluster, one every node sees); put checkpoints in object storage with "
+                "storage_path"
+            )
+        return output_dir
+
     @field_validator("base", mode="before")
     @classmethod
     def _name_base(cls, base: Any, info: ValidationInfo) -> Any:
@@ -332,7 +350,7 @@ class StudyConfig(Strict):
             return base
         experiment = info.data.get("experiment", "study")
         output_dir = info.data.get("output_dir", "outputs")
-        derived = {"name": experiment, "out_dir": _join(output_dir, experiment, "base")}
+        derived = {"name": experiment, "out_dir": join_uri(output_dir, experiment, "base")}
         given = {k: base[k] for k in derived if k in base}
         if any(base[k] != derived[k] for k in given):
             raise ValueError(
@@ -356,12 +374,17 @@ class StudyConfig(Strict):
     @property
     def study_dir(self) -> str:
         """<output_dir>/<experiment>: the study's own outputs."""
-        return _join(self.output_dir, self.experiment)
+        return join_uri(self.output_dir, self.experiment)
 
     @property
     def baselines_dir(self) -> str:
         """<output_dir>/baselines: scratch baselines, shared by studies, keyed by `baseline_key`."""
-        return _join(self.output_dir, BASELINES)
+        return join_uri(self.output_dir, BASELINES)
+
+    def storage(self, *parts: str) -> str:
+        """Where Ray keeps checkpoints and search state for `<output_dir>/<parts>`: the same
+        place, or the same layout under `storage_path`."""
+        return join_uri(self.storage_path or self.output_dir, *parts)
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -798,7 +821,7 @@ def flatten(cfg: RunConfig) -> dict[str, Any]:
 def baseline_config(study: StudyConfig) -> RunConfig:
     """The scratch baseline of a study: base without a schedule (full depth from step 0), named
     "baseline", in <output_dir>/baselines/<baseline_key>."""
-    out_dir = _join(study.baselines_dir, baseline_key(study.base))
+    out_dir = join_uri(study.baselines_dir, baseline_key(study.base))
     data = {**study.base.model_dump(), "schedule": None, "name": "baseline", "out_dir": out_dir}
     return RunConfig.model_validate(data)
 
@@ -884,8 +907,3 @@ def _encode(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return json.dumps(value, sort_keys=True)
-
-
-def _join(root: str, *parts: str) -> str:
-    """Join path parts with "/", keeping URIs (s3://bucket/x) intact."""
-    return "/".join([root.rstrip("/"), *parts])

@@ -41,7 +41,9 @@ from apollo_ray import tracking as tracking_mod
 from apollo_ray.acceleration import Curve, compare, plot_loss_vs_flops
 from apollo_ray.config import ConfigError, RunConfig
 from apollo_ray.data import DataError, load_manifest, prepare
+from apollo_ray.data.shards import join_uri
 from apollo_ray.study import (
+    BASELINES,
     StudyConfig,
     baseline_config,
     flatten,
@@ -67,19 +69,14 @@ HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node (ray._co
 
 
 def study_dir(study: StudyConfig) -> Path:
-    if "://" in study.output_dir:
-        raise ConfigError(
-            f"output_dir: {study.output_dir!r} is object storage, which needs the shared-storage "
-            "support of cluster/ (not built yet); use a local path"
-        )
     return Path(study.study_dir).resolve()
 
 
 def with_absolute_paths(study: StudyConfig) -> StudyConfig:
     """Tune runs each trial driver in its own working directory: pin local paths down first."""
     spec = study.model_dump(mode="json")
-    for node, key in ((spec, "output_dir"), (spec["base"]["data"], "path")):
-        if "://" not in node[key]:
+    for node, key in ((spec, "output_dir"), (spec, "storage_path"), (spec["base"]["data"], "path")):
+        if node[key] is not None and "://" not in node[key]:
             node[key] = str(Path(node[key]).resolve())
     for derived in ("name", "out_dir"):  # the study derives them again from output_dir
         spec["base"].pop(derived)
@@ -124,13 +121,15 @@ def ensure_baseline(study: StudyConfig, tracking: dict[str, str] | None = None) 
             if target is not None:  # its rows and (policy permitting) its final checkpoint
                 mirror = tracking_mod.RunMirror(target, run_dir, cfg.train.steps)
                 final = f"step-{cfg.train.steps:07d}"
-                location = str(run_dir / final / distributed.CHECKPOINT_FILE)
+                location = join_uri(
+                    study.storage(BASELINES), run_dir.name, final, distributed.CHECKPOINT_FILE
+                )
                 mirror.checkpoint(final, location, _last_row(metrics))
                 mirror.flush()
                 _client(tracking).set_tag(target.run_id, "apollo.cached", str(run_dir))
         else:
             print(f"baseline: training the scratch model in {run_dir}", file=sys.stderr)
-            result = distributed.run(cfg, tracking=target)
+            result = distributed.run(cfg, tracking=target, storage_path=study.storage(BASELINES))
             (run_dir / DONE_MARKER).write_text(json.dumps(result.metrics, indent=2) + "\n")
         if target is not None:
             log_run_results(_client(tracking), target.run_id, cfg, metrics, metrics, None)
@@ -180,7 +179,11 @@ def trial_driver(
     cfg = materialize(spec.base, config, name=f"{spec.experiment}-{trial_id}", out_dir=str(out_dir))
     with tracked_run(spec, tracking, cfg, "trial", config, trial_id) as target:
         trainer = distributed.build_trainer(
-            cfg, callbacks=[TuneReportCallback()], progress=False, tracking=target
+            cfg,
+            storage_path=spec.storage(spec.experiment, "trials"),
+            callbacks=[TuneReportCallback()],
+            progress=False,
+            tracking=target,
         )
         trainer.fit()
         distributed.raise_if_diverged(cfg)
@@ -362,7 +365,7 @@ def run_search(
     from ray.tune.schedulers import ASHAScheduler
 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # objective arrives in the last report
-    root = study_dir(study) / "tune"
+    search = study.storage(study.experiment, "tune", "search")
     callbacks = [_trial_runs_callback(study, tracking)] if tracking else []
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -375,10 +378,10 @@ def run_search(
         # that goes away (spot reclaim, failure) must take only workers with it
         {"CPU": DRIVER_CPU, HEAD_NODE: 0.001},
     )
-    if (root / "search").exists():
+    if tune.Tuner.can_restore(search):
         check_new_or_resumed(study, resume)
         return tune.Tuner.restore(
-            str(root / "search"),
+            search,
             trainable,
             resume_unfinished=True,
             resume_errored=False,
@@ -419,7 +422,7 @@ def run_search(
         ),
         run_config=tune.RunConfig(
             name="search",
-            storage_path=str(root),
+            storage_path=study.storage(study.experiment, "tune"),
             failure_config=tune.FailureConfig(max_failures=0),
             callbacks=callbacks,
         ),
@@ -582,16 +585,18 @@ def register_best(client, tracking: dict[str, str], study: StudyConfig, trial: s
     of the registered model named after the experiment."""
     from mlflow.exceptions import MlflowException
 
-    from apollo_ray.distributed import CHECKPOINT_FILE
+    from apollo_ray.distributed import CHECKPOINT_FILE, fetch
     from apollo_ray.export import export_checkpoint
 
     run = tracking_mod.find_run(client, tracking["experiment_id"], **{tracking_mod.TRIAL: trial})
-    ckpt = study_dir(study) / "trials" / trial / f"step-{study.base.train.steps:07d}"
-    if run is None or not (ckpt / CHECKPOINT_FILE).exists():
-        print(f"mlflow: best trial {trial} has no final checkpoint to register", file=sys.stderr)
-        return
+    final = f"step-{study.base.train.steps:07d}"
+    location = study.storage(study.experiment, "trials", trial, final, CHECKPOINT_FILE)
     with tempfile.TemporaryDirectory() as tmp:
-        export_checkpoint(ckpt / CHECKPOINT_FILE, Path(tmp) / "model")
+        ckpt = Path(tmp) / CHECKPOINT_FILE
+        if run is None or not fetch(location, ckpt):
+            print(f"mlflow: best trial {trial} has no final checkpoint", file=sys.stderr)
+            return
+        export_checkpoint(ckpt, Path(tmp) / "model")
         client.log_artifacts(run.info.run_id, str(Path(tmp) / "model"), "model")
     try:
         client.create_registered_model(
@@ -633,8 +638,10 @@ def tracking_server(study: StudyConfig) -> Iterator[str]:
 
 def check_new_or_resumed(study: StudyConfig, resume: bool) -> None:
     """A study that already ran continues only with --resume (checked before anything starts)."""
-    search = study_dir(study) / "tune" / "search"
-    if search.exists() and not resume:
+    from ray import tune
+
+    search = study.storage(study.experiment, "tune", "search")
+    if tune.Tuner.can_restore(search) and not resume:
         raise ConfigError(
             f"{search} already holds this study: pass --resume to finish it (or see its "
             "results), or choose another `experiment` name"

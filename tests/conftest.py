@@ -6,8 +6,13 @@ the embedded `demo` corpus with a 2000-token vocabulary (a few seconds each).
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 import yaml
 
@@ -44,6 +49,39 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """`s3://bucket?endpoint_override=...` of a fresh moto S3 server (dummy credentials)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = pytest.MonkeyPatch()
+    env.setenv("AWS_ACCESS_KEY_ID", "test")
+    env.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&allow_bucket_creation=true"
+    uri = f"s3://bucket?{query}"
+    fs, _ = pyarrow.fs.FileSystem.from_uri(uri)
+    deadline = time.time() + 60
+    while True:
+        try:
+            fs.create_dir("bucket")
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    yield uri
+    env.undo()
+    server.terminate()
+    server.wait(10)
 
 
 def tiny_study(tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0e9)) -> Path:

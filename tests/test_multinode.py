@@ -2,8 +2,10 @@
 more node, each with its own raylet and object store), with a custom resource that puts one
 of each trial's two Ray Train workers on each node. The non-head node is killed in the middle
 of the trial and comes back: the trial resumes from its checkpoint and the study finishes,
-completely recorded in MLflow. Storage is a folder both nodes see (on a real cluster: a shared
-file system or bucket, see cluster/README.md)."""
+completely recorded in MLflow. The prepared data, the Ray Train checkpoints and Tune's search
+state are in S3 (a moto server on loopback, spoken to over the S3 protocol as AWS would be);
+the runs' logs are in a folder both nodes see (on a real cluster: the NFS mount of
+cluster/README.md)."""
 
 import json
 import os
@@ -11,11 +13,13 @@ import subprocess
 import sys
 import time
 
+import pyarrow.fs
 import pytest
 import yaml
 from conftest import tiny_study
 from mlflow import MlflowClient
 
+from apollo_ray.data.shards import join_uri
 from apollo_ray.tracking import KIND, local_store
 
 STEPS, EVERY = 400, 50
@@ -27,11 +31,21 @@ def last_step(metrics) -> int:
 
 
 @pytest.mark.slow
-def test_search_across_two_nodes_survives_losing_one(tmp_path, gpt_data):
+def test_search_across_two_nodes_survives_losing_one(tmp_path, gpt_data, s3):
+    from ray import tune
     from ray.cluster_utils import Cluster
 
+    fs, _ = pyarrow.fs.FileSystem.from_uri(s3)
+    pyarrow.fs.copy_files(
+        str(gpt_data),
+        "bucket/data",
+        source_filesystem=pyarrow.fs.LocalFileSystem(),
+        destination_filesystem=fs,
+    )
     path = tiny_study(tmp_path, gpt_data, "multinode", trials=1, lrs=(3.0e-3,))
     study = yaml.safe_load(path.read_text())
+    study["storage_path"] = join_uri(s3, "ray")
+    study["base"]["data"]["path"] = join_uri(s3, "data")
     study["base"]["train"].update(steps=STEPS, checkpoint_every=EVERY, eval_every=EVERY)
     study["base"]["train"]["log_every"] = 10
     study["base"]["resources"].update(workers=2, max_failures=3, worker_resources={"slot": 1})
@@ -89,3 +103,18 @@ def test_search_across_two_nodes_survives_losing_one(tmp_path, gpt_data):
     assert logged == set(steps)
     artifacts = {a.path for a in client.list_artifacts(trial.info.run_id, "checkpoints")}
     assert f"checkpoints/step-{STEPS:07d}.pt" in artifacts
+
+    # the checkpoints are in the bucket, laid out like output_dir, and not beside the logs
+    trial_id = trial_metrics.parent.name
+    stored = fs.get_file_info(pyarrow.fs.FileSelector(f"bucket/ray/multinode/trials/{trial_id}"))
+    assert f"step-{STEPS:07d}" in {i.base_name for i in stored}
+    assert (
+        fs.get_file_info(
+            f"bucket/ray/multinode/trials/{trial_id}/step-{STEPS:07d}/checkpoint.pt"
+        ).size
+        > 0
+    )
+    assert not list(trial_metrics.parent.glob("step-*"))
+    baselines = fs.get_file_info(pyarrow.fs.FileSelector("bucket/ray/baselines", recursive=True))
+    assert any(i.base_name == "checkpoint.pt" for i in baselines)
+    assert tune.Tuner.can_restore(join_uri(s3, "ray", "multinode", "tune", "search"))

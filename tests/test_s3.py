@@ -1,15 +1,10 @@
 """Object storage over the real S3 protocol: a local S3 server (moto's, on 127.0.0.1) that
 pyarrow talks to as it would to AWS. Prepared shards are read from it, and a Ray Train run's
-checkpoint storage there is found, resumed from and pruned."""
-
-import socket
-import subprocess
-import sys
-import time
+checkpoint storage there is found, resumed from and pruned. The `s3` fixture is in conftest.py;
+tests/test_multinode.py runs a whole search with its checkpoints and data there."""
 
 import numpy as np
 import pyarrow.fs
-import pytest
 import torch
 
 from apollo_ray.config import DataConfig
@@ -17,39 +12,6 @@ from apollo_ray.data import Batches
 from apollo_ray.data.shards import join_uri
 from apollo_ray.distributed import CHECKPOINT_FILE, RayStore
 from apollo_ray.trainer import CHECKPOINT_FORMAT
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """`s3://bucket?endpoint_override=...` of a fresh moto S3 server (dummy credentials)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = pytest.MonkeyPatch()
-    env.setenv("AWS_ACCESS_KEY_ID", "test")
-    env.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&allow_bucket_creation=true"
-    uri = f"s3://bucket?{query}"
-    fs, _ = pyarrow.fs.FileSystem.from_uri(uri)
-    deadline = time.time() + 60
-    while True:
-        try:
-            fs.create_dir("bucket")
-            break
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
-    yield uri
-    env.undo()
-    server.terminate()
-    server.wait(10)
 
 
 def test_shards_read_from_s3_give_the_same_batches(s3, gpt_data):

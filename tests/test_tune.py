@@ -63,12 +63,14 @@ def test_cached_baseline_is_reused_without_training(tmp_path, gpt_data):
     assert ensure_baseline(study) == run_dir / "metrics.jsonl"  # no Ray was needed
 
 
-def test_object_storage_output_is_refused_clearly(tmp_path, gpt_data):
+def test_object_storage_output_is_refused_clearly(tmp_path, gpt_data, capsys):
     path = tiny_study(tmp_path, gpt_data)
     data = yaml.safe_load(path.read_text())
     data["output_dir"] = "s3://bucket/out"
     path.write_text(yaml.safe_dump(data))
     assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir" in err and "storage_path" in err  # names the field and the way out
 
 
 @pytest.mark.slow
