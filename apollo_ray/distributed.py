@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 
 from apollo_ray.config import RunConfig
 from apollo_ray.data.shards import join_uri
-from apollo_ray.tracking import RunMirror, Target
+from apollo_ray.tracking import RunMirror, Target, Uploader, head_local
 from apollo_ray.trainer import (
     NonFiniteLossError,
     Trainer,
@@ -45,6 +45,7 @@ from apollo_ray.trainer import (
 __all__ = ["RayStore", "build_trainer", "fetch", "raise_if_diverged", "run", "train_worker"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
+HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node (ray._common.constants)
 FAULT_MARKER = ".fault-injected"
 DIVERGED = "diverged.txt"  # written by rank 0 when the loss became NaN/inf
 CHECKPOINT_NAME = re.compile(r"step-\d{7}(\.pre-growth|\.post-growth)?")
@@ -134,7 +135,35 @@ def train_worker(config: dict[str, Any]) -> None:
 def _mirror(tracking: dict[str, Any] | None, cfg: RunConfig) -> RunMirror | None:
     if tracking is None:
         return None
-    return RunMirror(Target(**tracking), cfg.output_dir, cfg.train.steps)
+    target = Target(**tracking)
+    uploader = HeadRelay(target.uri, target.run_id) if head_local(target.uri) else None
+    return RunMirror(target, cfg.output_dir, cfg.train.steps, uploader=uploader)
+
+
+class HeadRelay:
+    """An `Uploader` that runs in an actor on the head node, where a head-local MLflow (the
+    cluster's server on 127.0.0.1, or a SQLite store on the head's disk) is reachable; rank 0
+    on a GPU node sends its rows and checkpoint locations there over Ray, and nothing has to
+    listen on another interface. Each call waits at most `timeout_s`: the mirror counts a
+    call that does not answer as a failed upload and tries again later."""
+
+    def __init__(self, uri: str, run_id: str, timeout_s: float = 120.0) -> None:
+        actor = ray.remote(Uploader).options(
+            name=f"apollo-mlflow-{run_id}",
+            get_if_exists=True,  # a restarted rank 0 finds the relay still there, or makes one
+            num_cpus=0,
+            resources={HEAD_NODE: 0.001},
+        )
+        self.actor, self.timeout_s = actor.remote(uri), timeout_s
+
+    def log_batch(self, run_id: str, metrics: list, patient: bool) -> None:
+        ray.get(self.actor.log_batch.remote(run_id, metrics, patient), timeout=self.timeout_s)
+
+    def log_checkpoint(
+        self, run_id: str, name: str, location: str, meta: dict[str, Any], patient: bool
+    ) -> None:
+        call = self.actor.log_checkpoint.remote(run_id, name, location, meta, patient)
+        ray.get(call, timeout=self.timeout_s)
 
 
 def _inject_fault(trainer: Trainer, step: int) -> None:

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pyarrow.fs
 from mlflow import MlflowClient
@@ -56,6 +57,7 @@ __all__ = [
 
 DB_NAME = "mlflow.db"
 ARTIFACTS = "mlartifacts"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STATE = "mlflow.json"  # in a run's folder: which run it mirrors and how much is uploaded
 KIND, TRIAL, STUDY = "apollo.kind", "apollo.trial_id", "apollo.study"  # tags: study|trial|baseline
 POLICIES = ("all", "last", "none")
@@ -269,6 +271,42 @@ def metrics_of(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def head_local(uri: str) -> bool:
+    """Whether `uri` names a store only the machine it was made on reaches: a server on
+    loopback, or a database/folder path (on a cluster: the head node's)."""
+    parsed = urlparse(uri)
+    return parsed.scheme not in ("http", "https") or parsed.hostname in LOOPBACK
+
+
+class Uploader:
+    """The mirror's two MLflow calls, made from this process. On a cluster, rank 0 may sit on a
+    node that cannot reach a head-local MLflow; `distributed.HeadRelay` runs this class in an
+    actor on the head node instead, with the same methods."""
+
+    def __init__(self, uri: str) -> None:
+        self.client = MlflowClient(uri)
+
+    def log_batch(self, run_id: str, metrics: list[Metric], patient: bool) -> None:
+        with quick_failure(patient):
+            for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+                self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+    def log_checkpoint(
+        self, run_id: str, name: str, location: str, meta: dict[str, Any], patient: bool
+    ) -> None:
+        """Upload checkpoint `location` (a path or a pyarrow.fs URI) as `checkpoints/<name>.pt`,
+        with `meta` beside it as `<name>.json`."""
+        with tempfile.TemporaryDirectory() as tmp, quick_failure(patient):
+            file = Path(tmp) / f"{name}.pt"
+            if "://" in location:
+                fs, path = pyarrow.fs.FileSystem.from_uri(location)
+                pyarrow.fs.copy_files(path, str(file), source_filesystem=fs)
+            else:
+                os.symlink(Path(location).resolve(), file)
+            (Path(tmp) / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+            self.client.log_artifacts(run_id, tmp, "checkpoints")
+
+
 class RunMirror:
     """Keeps a run's MLflow record up to date from rank 0, without ever stopping training.
 
@@ -287,11 +325,12 @@ class RunMirror:
         final_step: int,
         every_s: float = 10.0,
         patient: bool = False,
+        uploader: Uploader | None = None,
     ) -> None:
         self.target, self.run_dir = target, Path(run_dir)
         self.final = f"step-{final_step:07d}"
         self.every_s, self.patient = every_s, patient
-        self.client = MlflowClient(target.uri)
+        self.uploader = uploader or Uploader(target.uri)
         self.metrics = self.run_dir / "metrics.jsonl"
         self.state = {"offset": 0, "logged": [], "pending": []}
         path = self.run_dir / STATE
@@ -326,10 +365,9 @@ class RunMirror:
         """Upload every row and pending checkpoint not yet in MLflow; True when none is left."""
         self.last = time.monotonic()
         try:
-            with quick_failure(self.patient):
-                self._upload_rows()
-                for name, location, row in list(self.state["pending"]):
-                    self._upload_checkpoint(name, location, row)
+            self._upload_rows()
+            for name, location, row in list(self.state["pending"]):
+                self._upload_checkpoint(name, location, row)
         except Exception as e:  # any failure to upload must leave training running
             self._failed(e)
             return False
@@ -360,28 +398,21 @@ class RunMirror:
         for line in data[:end].splitlines():
             row = json.loads(line)
             batch += [Metric(k, v, now, row["step"]) for k, v in metrics_of(row).items()]
-        for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
-            self.client.log_batch(self.target.run_id, metrics=batch[i : i + 1000])
+        if batch:
+            self.uploader.log_batch(self.target.run_id, batch, self.patient)
         self.state["offset"] += end
         self._save()
 
     def _upload_checkpoint(self, name: str, location: str, row: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            file = Path(tmp) / f"{name}.pt"
-            if "://" in location:
-                fs, path = pyarrow.fs.FileSystem.from_uri(location)
-                pyarrow.fs.copy_files(path, str(file), source_filesystem=fs)
-            else:
-                os.symlink(Path(location).resolve(), file)
-            meta = {
-                "checkpoint": file.name,
-                "run_dir": str(self.run_dir),
-                **{k: row.get(k) for k in ("step", "stage", "n_physical", "eval_loss", "flops")},
-                "resume": f"place it as the latest checkpoint of {self.run_dir} and train again",
-                "export": f"python -m apollo_ray.export {file.name} HF_DIR [--tokenizer ...]",
-            }
-            (Path(tmp) / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-            self.client.log_artifacts(self.target.run_id, tmp, "checkpoints")
+        meta = {
+            "checkpoint": f"{name}.pt",
+            "stored_at": location,
+            "run_dir": str(self.run_dir),
+            **{k: row.get(k) for k in ("step", "stage", "n_physical", "eval_loss", "flops")},
+            "resume": f"place it as the latest checkpoint of {self.run_dir} and train again",
+            "export": f"python -m apollo_ray.export {name}.pt HF_DIR [--tokenizer ...]",
+        }
+        self.uploader.log_checkpoint(self.target.run_id, name, location, meta, self.patient)
         self.state["pending"] = [p for p in self.state["pending"] if p[0] != name]
         self.state["logged"].append(name)
         self._save()

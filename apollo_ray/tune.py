@@ -65,7 +65,6 @@ OBJECTIVES: dict[str, tuple[Any, Any]] = {
 DONE_MARKER = "done.json"
 TRACKING_SESSION = "mlflow-session.json"  # where this study logs now (see _trial_runs_callback)
 DRIVER_CPU = 0.1  # a trial driver only waits on its TorchTrainer, whose workers hold the CPUs
-HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node (ray._common.constants)
 
 
 def study_dir(study: StudyConfig) -> Path:
@@ -364,6 +363,8 @@ def run_search(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from apollo_ray import distributed
+
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # objective arrives in the last report
     search = study.storage(study.experiment, "tune", "search")
     callbacks = [_trial_runs_callback(study, tracking)] if tracking else []
@@ -376,7 +377,7 @@ def run_search(
         ),
         # on the head node: a trial's Train controller runs beside its driver, and a GPU node
         # that goes away (spot reclaim, failure) must take only workers with it
-        {"CPU": DRIVER_CPU, HEAD_NODE: 0.001},
+        {"CPU": DRIVER_CPU, distributed.HEAD_NODE: 0.001},
     )
     if tune.Tuner.can_restore(search):
         check_new_or_resumed(study, resume)

@@ -138,6 +138,33 @@ def test_unreachable_server_loses_nothing(tmp_path, gpt_data):
     assert pending_rows(cfg.output_dir) == 0
 
 
+def test_head_relay_uploads_from_the_head_node(ray_cluster, tmp_path, gpt_data):
+    # rank 0 on a GPU node cannot reach the head's 127.0.0.1 server: it mirrors through an
+    # actor on the head node (here the only node), over Ray, with the same results
+    from ray.util.state import list_actors
+
+    from apollo_ray.distributed import HeadRelay
+
+    port, store = free_port(), tmp_path / "store"
+    with LocalServer(store, port=port) as server:
+        client, run_id = new_run(server.uri)
+        cfg = apollo_cfg(gpt_data, tmp_path / "run")
+        target = Target(server.uri, run_id, "all")
+        relay = HeadRelay(server.uri, run_id)
+        mirror = RunMirror(target, cfg.output_dir, 12, every_s=0, uploader=relay)
+        Trainer(cfg, progress=False, tracker=mirror).fit()
+        rows = rows_of(cfg.output_dir)
+        assert history(client, run_id, "train_loss") == expected(rows, "train_loss", "loss")
+        assert len(checkpoint_names(client, run_id)) == 10
+        (actor,) = list_actors(filters=[("name", "=", f"apollo-mlflow-{run_id}")])
+        assert actor.node_id == ray_cluster.get_runtime_context().get_node_id()
+    with (cfg.output_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 13, "loss": 1.0}) + "\n")
+    with pytest.warns(RuntimeWarning, match="training goes on"):
+        assert mirror.flush() is False  # server down: a failed upload, not a stuck trainer
+    assert pending_rows(cfg.output_dir) == 1
+
+
 def test_runs_left_running_are_closed(tmp_path, gpt_data):
     from apollo_ray.tune import _trial_runs_callback
 
