@@ -153,6 +153,7 @@ class HeadRelay:
             get_if_exists=True,  # a restarted rank 0 finds the relay still there, or makes one
             num_cpus=0,
             resources={HEAD_NODE: 0.001},
+            scheduling_strategy="DEFAULT",  # not in the calling worker's placement group
         )
         self.actor, self.timeout_s = actor.remote(uri), timeout_s
 
