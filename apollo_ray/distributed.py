@@ -42,7 +42,15 @@ from apollo_ray.trainer import (
     load_checkpoint,
 )
 
-__all__ = ["RayStore", "build_trainer", "fetch", "raise_if_diverged", "run", "train_worker"]
+__all__ = [
+    "HeadRelay",
+    "RayStore",
+    "build_trainer",
+    "check_finished",
+    "fetch",
+    "run",
+    "train_worker",
+]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node (ray._common.constants)
@@ -253,7 +261,7 @@ def run(
         cfg, storage_path=storage_path, kill_at_step=kill_at_step, tracking=tracking
     )
     result = trainer.fit()
-    raise_if_diverged(cfg)
+    check_finished(cfg)
     return result
 
 
@@ -271,8 +279,15 @@ def fetch(location: str, dest: Path) -> bool:
     return True
 
 
-def raise_if_diverged(cfg: RunConfig) -> None:
-    """Turn a run that stopped on a NaN/inf loss back into `NonFiniteLossError`."""
+def check_finished(cfg: RunConfig) -> None:
+    """After `fit()`, on the driver: turn a run that stopped on a NaN/inf loss back into
+    `NonFiniteLossError`, and fail clearly if rank 0's log is not where the driver looks."""
     marker = cfg.output_dir / DIVERGED
     if marker.exists():
         raise NonFiniteLossError(marker.read_text().strip())
+    if not (cfg.output_dir / "metrics.jsonl").exists():
+        raise RuntimeError(
+            f"{cfg.output_dir / 'metrics.jsonl'} is missing after training: rank 0 writes it on "
+            "its own node, so the run's folder must be one every node sees (on a cluster: the "
+            "study's output_dir on the shared file system, see cluster/README.md)"
+        )

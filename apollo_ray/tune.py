@@ -185,7 +185,7 @@ def trial_driver(
             tracking=target,
         )
         trainer.fit()
-        distributed.raise_if_diverged(cfg)
+        distributed.check_finished(cfg)
         scores = score(cfg.output_dir / "metrics.jsonl", Path(baseline))
         if target is not None:
             log_run_results(

@@ -85,3 +85,13 @@ def test_killed_worker_resumes_and_finishes_identically(uninterrupted, gpt_data,
     assert (killed / distributed.FAULT_MARKER).exists()  # the worker really was killed
     assert resumed.metrics["eval_loss"] == result.metrics["eval_loss"]
     assert timeless(killed) == timeless(out)
+
+
+def test_a_run_folder_the_driver_cannot_see_is_a_clear_error(gpt_data, tmp_path):
+    # rank 0 on another node wrote its log on that node's disk: say so, not a bare KeyError later
+    with pytest.raises(RuntimeError, match="every node sees"):
+        distributed.check_finished(cfg_for(gpt_data, tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "diverged.txt").write_text("loss is nan at step 3\n")
+    with pytest.raises(distributed.NonFiniteLossError, match="step 3"):
+        distributed.check_finished(cfg_for(gpt_data, tmp_path / "elsewhere"))
