@@ -60,9 +60,9 @@ def apollo_cfg(data, out) -> RunConfig:
     )
 
 
-def new_run(uri: str) -> tuple[MlflowClient, str]:
+def new_run(uri: str, artifacts: str | None = None) -> tuple[MlflowClient, str]:
     client = MlflowClient(uri)
-    exp = client.create_experiment("mirror")
+    exp = client.create_experiment("mirror", artifact_location=artifacts)
     return client, client.create_run(exp).info.run_id
 
 
@@ -84,7 +84,7 @@ def checkpoint_names(client: MlflowClient, run_id: str) -> set[str]:
 
 
 def test_mirror_logs_every_row_and_the_stage_checkpoints(tmp_path, gpt_data):
-    client, run_id = new_run(local_store(tmp_path / "store")[0])
+    client, run_id = new_run(*local_store(tmp_path / "store"))  # not ./mlruns in the repo
     cfg = apollo_cfg(gpt_data, tmp_path / "run")
     target = Target(local_store(tmp_path / "store")[0], run_id, "all")
     Trainer(cfg, progress=False, tracker=RunMirror(target, cfg.output_dir, 12, every_s=0)).fit()
