@@ -110,7 +110,9 @@ def test_mirror_logs_every_row_and_the_stage_checkpoints(tmp_path, gpt_data):
     [("all", {"pre", "post", "final"}), ("last", {"final"}), ("none", set())],
 )
 def test_checkpoint_policy(tmp_path, policy, logged):
-    mirror = RunMirror(Target("sqlite:///unused.db", "r", policy), tmp_path, final_step=12)
+    mirror = RunMirror(
+        Target(f"sqlite:///{tmp_path / 'unused.db'}", "r", policy), tmp_path, final_step=12
+    )
     names = {"pre": "step-0000003.pre-growth", "post": "step-0000003.post-growth"}
     names |= {"final": "step-0000012", "periodic": "step-0000006"}
     assert {k for k, name in names.items() if mirror.wants(name)} == logged
