@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from apollo_ray.data import prepare
+from apollo_ray.data.shards import join_uri
 
 
 def _prepare_demo(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Path:
@@ -82,6 +83,16 @@ def s3():
     env.undo()
     server.terminate()
     server.wait(10)
+
+
+def upload(folder: Path, s3: str, name: str) -> str:
+    """Copy a local folder into the `s3` fixture's bucket as `name`; returns its URI."""
+    fs, _ = pyarrow.fs.FileSystem.from_uri(s3)
+    local = pyarrow.fs.LocalFileSystem()
+    pyarrow.fs.copy_files(
+        str(folder), f"bucket/{name}", source_filesystem=local, destination_filesystem=fs
+    )
+    return join_uri(s3, name)
 
 
 def tiny_study(tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0e9)) -> Path:

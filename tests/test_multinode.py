@@ -16,7 +16,7 @@ import time
 import pyarrow.fs
 import pytest
 import yaml
-from conftest import tiny_study
+from conftest import tiny_study, upload
 from mlflow import MlflowClient
 
 from apollo_ray.data.shards import join_uri
@@ -36,16 +36,10 @@ def test_search_across_two_nodes_survives_losing_one(tmp_path, gpt_data, s3):
     from ray.cluster_utils import Cluster
 
     fs, _ = pyarrow.fs.FileSystem.from_uri(s3)
-    pyarrow.fs.copy_files(
-        str(gpt_data),
-        "bucket/data",
-        source_filesystem=pyarrow.fs.LocalFileSystem(),
-        destination_filesystem=fs,
-    )
     path = tiny_study(tmp_path, gpt_data, "multinode", trials=1, lrs=(3.0e-3,))
     study = yaml.safe_load(path.read_text())
     study["storage_path"] = join_uri(s3, "ray")
-    study["base"]["data"]["path"] = join_uri(s3, "data")
+    study["base"]["data"]["path"] = upload(gpt_data, s3, "data")
     study["base"]["train"].update(steps=STEPS, checkpoint_every=EVERY, eval_every=EVERY)
     study["base"]["train"]["log_every"] = 10
     study["base"]["resources"].update(workers=2, max_failures=3, worker_resources={"slot": 1})

@@ -6,6 +6,7 @@ tests/test_multinode.py runs a whole search with its checkpoints and data there.
 import numpy as np
 import pyarrow.fs
 import torch
+from conftest import upload
 
 from apollo_ray.config import DataConfig
 from apollo_ray.data import Batches
@@ -16,14 +17,9 @@ from apollo_ray.trainer import CHECKPOINT_FORMAT
 
 def test_shards_read_from_s3_give_the_same_batches(s3, gpt_data):
     fs, _ = pyarrow.fs.FileSystem.from_uri(s3)
-    pyarrow.fs.copy_files(
-        str(gpt_data),
-        "bucket/gpt",
-        source_filesystem=pyarrow.fs.LocalFileSystem(),
-        destination_filesystem=fs,
-    )
+    uri = upload(gpt_data, s3, "gpt")
     local = Batches(DataConfig(path=str(gpt_data), seq_len=32), "gpt", "train", seed=1)
-    remote = Batches(DataConfig(path=join_uri(s3, "gpt"), seq_len=32), "gpt", "train", seed=1)
+    remote = Batches(DataConfig(path=uri, seq_len=32), "gpt", "train", seed=1)
     for step in (0, 7):
         a = local.batch(step, 0, micro_batch=4, rank=1, world_size=2)
         b = remote.batch(step, 0, micro_batch=4, rank=1, world_size=2)
