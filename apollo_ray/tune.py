@@ -352,13 +352,9 @@ def _final_result_searcher():
     return FinalResultOptunaSearch
 
 
-def run_search(
-    study: StudyConfig,
-    baseline: Path,
-    resume: bool = False,
-    tracking: dict[str, str] | None = None,
-):
-    """Tier 1: the Tuner over Optuna's suggestions; returns Tune's `ResultGrid`."""
+def run_search(study: StudyConfig, baseline: Path, tracking: dict[str, str] | None = None):
+    """Tier 1: the Tuner over Optuna's suggestions; returns Tune's `ResultGrid`. A study whose
+    search state exists is resumed (`check_new_or_resumed` has let it through)."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -380,7 +376,6 @@ def run_search(
         {"CPU": DRIVER_CPU, distributed.HEAD_NODE: 0.001},
     )
     if tune.Tuner.can_restore(search):
-        check_new_or_resumed(study, resume)
         return tune.Tuner.restore(
             search,
             trainable,
@@ -762,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         study = with_absolute_paths(load_study(args.study))
-        check_new_or_resumed(study, args.resume)  # also: a bad output_dir fails here
+        check_new_or_resumed(study, args.resume)
         prepare_data(study)
         with tracking_server(study) as uri:
             check_tracking(uri)
@@ -773,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
             check_resources(study)
             with study_run(study, args.study, uri, args.resume) as tracking:
                 baseline = ensure_baseline(study, tracking)
-                summary = summarize(study, run_search(study, baseline, args.resume, tracking))
+                summary = summarize(study, run_search(study, baseline, tracking))
                 log_study_results(_client(tracking), tracking, study, summary, baseline)
     except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)
