@@ -2,7 +2,7 @@
 acceleration ratios, a compute-equivalent speedup, and the loss-vs-FLOPs figure.
 
 Both runs are read from their `metrics.jsonl` (only the eval rows, which carry cumulative
-`flops` and `wall_time`); the definitions follow APOLLO.md, "How acceleration is measured":
+`flops` and `wall_time`); the definitions follow docs/method.md, section 8:
 
     apollo = Curve.from_metrics("runs/apollo/metrics.jsonl")
     scratch = Curve.from_metrics("runs/scratch/metrics.jsonl")

@@ -123,7 +123,7 @@ class TrainConfig(Strict):
 
 
 class ScheduleConfig(Strict):
-    """The progressive schedule (APOLLO.md). Default: the released Apollo recipe for L = 12.
+    """The progressive schedule (docs/method.md). Default: the released Apollo recipe for L = 12.
 
     Stage s owns `depths[s]` physical layers and ends at `stage_ends[s]` of the step budget; each
     micro-batch runs a depth drawn by `sampler` through a `plan` that shares the physical layers;

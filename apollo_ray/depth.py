@@ -5,7 +5,7 @@ Every sampler is a distribution over depths with an exact `probs(n, full)` and a
 every data-parallel rank draws the same depth without communicating and a resumed run draws
 what the uninterrupted run would have (nothing to checkpoint beyond the seed).
 
-- `apollo`: the released LVPS formula, unchanged (APOLLO.md, "The pieces" 2).
+- `apollo`: the released LVPS formula, unchanged (docs/method.md, section 3).
 - `lvps`: the searchable family with a temperature tau, p(d) ∝ (d - N + 1)^(-1/tau).
   Non-increasing in d; all mass on N as tau -> 0; uniform as tau -> inf. tau = 0.52 is the
   closest member to the released LVPS (mean KL 0.047 nats over N = 1, 3, 6 at L = 12; see

@@ -23,6 +23,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from . import checkpoints
 from .config import ModelConfig, format_validation_error
 from .model import TransformerLM
 
@@ -206,12 +207,11 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ExportError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return checkpoints.load(path)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     except Exception as e:  # pickle, zip and weights_only errors all mean "not a checkpoint"
         raise ExportError(f"{path}: not a checkpoint readable by torch.load: {e}") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
-        raise ExportError(f"{path}: not an apollo_ray checkpoint (needs 'model', 'model_config')")
-    return ckpt
 
 
 def _hf_tokenizer(path: Path, cfg: ModelConfig) -> PreTrainedTokenizerFast:

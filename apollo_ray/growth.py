@@ -7,7 +7,7 @@ layer. One shared mechanism, `grow`, applies the rows to the weights (plus optio
 with the `copy` optimizer-state policy, to the AdamW moments, so each operator is a few lines
 and all of them run through one conformance suite (tests/test_growth.py).
 
-- `interpolate` (APOLLO.md, "The searchable generalisation"): a_j = floor(j N_old / N_new),
+- `interpolate` (docs/method.md, section 7): a_j = floor(j N_old / N_new),
   f_j its fractional part, new_j = (1 - alpha f_j) old_{a_j} + alpha f_j old_{a_j + 1}.
   alpha = 0 is the released copy; with N_new a multiple of N_old, the `interp` plan of every
   depth then computes exactly the same function after growth as before.

@@ -3,7 +3,7 @@
 `TransformerLM` owns `layers`, a bank of N "physical" Transformer layers, plus embeddings and a
 tied output head. `forward(input_ids, labels, plan)` executes the physical layers listed in
 `plan`, in order and with repeats, so one N-layer bank computes a model of any depth
-(APOLLO.md, "The pieces", 1: `plan = interp_plan(N, depth)` shares layers across depth).
+(docs/method.md, section 2: `plan = interp_plan(N, depth)` shares layers across depth).
 
 Two flavours, chosen by `ModelConfig.kind`, each matching Hugging Face's layout exactly so that
 `apollo_ray.export.to_hf` is a pure weight copy:

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from apollo_ray.config import RunConfig
 from apollo_ray.schedule import Schedule
-from apollo_ray.study import ChoiceParam, IncreasingParam, IntParam, Param
+from apollo_ray.space import ChoiceParam, IncreasingParam, IntParam, Param
 
 __all__ = ["depth_histogram", "optuna_plots", "optuna_study"]
 

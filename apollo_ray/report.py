@@ -25,9 +25,11 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from apollo_ray import tracking
 from apollo_ray.acceleration import Curve, plot_loss_vs_flops
-from apollo_ray.tune import text_table
+from apollo_ray.mirror import pending_rows, sync, tracked
+from apollo_ray.mlflow_server import DB_NAME, local_store
+from apollo_ray.summary import text_table
+from apollo_ray.tracking import END, KIND, find_run
 
 __all__ = ["curve_of", "main", "study_runs", "sync_study", "table_rows"]
 
@@ -49,9 +51,9 @@ def study_runs(client: MlflowClient, experiment: str) -> tuple[Any, list[Any]]:
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
         raise ReportError(f"no MLflow experiment {experiment!r}; the store has: {names}")
-    parent = tracking.find_run(client, exp.experiment_id, **{tracking.KIND: "study"})
+    parent = find_run(client, exp.experiment_id, **{KIND: "study"})
     if parent is None:
-        raise ReportError(f"experiment {experiment!r} has no study run (tag {tracking.KIND})")
+        raise ReportError(f"experiment {experiment!r} has no study run (tag {KIND})")
     query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'"
     children = client.search_runs([exp.experiment_id], query, max_results=10_000)
     return parent, children
@@ -66,7 +68,7 @@ def table_rows(parent: Any, children: list[Any]) -> list[dict[str, Any]]:
             {
                 "run": run.info.run_name,
                 "run_id": run.info.run_id,
-                "kind": tags.get(tracking.KIND, "?"),
+                "kind": tags.get(KIND, "?"),
                 "status": run.info.status,
                 "final_eval_loss": m.get("final_eval_loss"),
                 "saving": m.get("saving"),
@@ -77,7 +79,7 @@ def table_rows(parent: Any, children: list[Any]) -> list[dict[str, Any]]:
                     for k, v in sorted(run.data.params.items())
                     if k.startswith("searched.")
                 },
-                "note": tags.get("apollo.end", ""),
+                "note": tags.get(END, ""),
             }
         )
     column, descending = ORDER[parent.data.params.get("objective", "speedup")]
@@ -141,10 +143,10 @@ def sync_study(client: MlflowClient, uri: str, study_dir: Path) -> int:
         *sorted((study_dir.parent / "baselines").glob("*")),
     ]
     for run_dir in run_dirs:
-        state = tracking.tracked(run_dir)
-        if state is None or (not state["pending"] and not tracking.pending_rows(run_dir)):
+        state = tracked(run_dir)
+        if state is None or (not state["pending"] and not pending_rows(run_dir)):
             continue
-        if tracking.sync(run_dir, uri):
+        if sync(run_dir, uri):
             synced += 1
         else:
             print(f"warning: {run_dir} could not be uploaded to {uri}", file=sys.stderr)
@@ -174,11 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    uri = uri or tracking.local_store(args.output_dir)[0]
-    if uri.startswith("sqlite:") and not Path(args.output_dir, tracking.DB_NAME).exists():
-        print(
-            f"error: no MLflow store at {Path(args.output_dir, tracking.DB_NAME)}", file=sys.stderr
-        )
+    uri = uri or local_store(args.output_dir)[0]
+    if uri.startswith("sqlite:") and not Path(args.output_dir, DB_NAME).exists():
+        print(f"error: no MLflow store at {Path(args.output_dir, DB_NAME)}", file=sys.stderr)
         return 2
     client = MlflowClient(uri)
     study_dir = Path(args.output_dir).resolve() / args.experiment

@@ -1,6 +1,6 @@
 """The progressive schedule: which stage a step is in, and which layer plan each micro-batch runs.
 
-Layer plans map the N physical layers onto a depth d (APOLLO.md, "The pieces" 1):
+Layer plans map the N physical layers onto a depth d (docs/method.md, section 2):
 - `interp_plan(N, d)`: consecutive repeats, layer floor(i N / d) at position i (Apollo);
 - `stack_plan(N, d)`: cyclic, as the release's `stack_meta_layer` (StackBERT-like).
 
@@ -80,5 +80,5 @@ class Schedule:
         return Step(stage, n, depth, self.plan_fn(n, depth))
 
     def eval_plan(self, n_physical: int) -> list[int]:
-        """Evaluation always runs the full depth L (APOLLO.md, "How acceleration is measured")."""
+        """Evaluation always runs the full depth L (docs/method.md, section 8)."""
         return self.plan_fn(n_physical, self.n_layer)

@@ -5,7 +5,8 @@
     python -m apollo_ray.train configs/bert-apollo.yaml --workers 2           # local Ray
     python -m apollo_ray.train configs/bert-apollo.yaml --workers 8 --address auto
 
-Ray is used when `--workers`/`--address` is given or the YAML asks for `resources.workers` > 1.
+Ray is used when `--workers`/`--address` (or a `--kill-*` fault) is given or the YAML asks for
+`resources.workers` > 1.
 A run directory that already holds checkpoints is resumed from the newest one. Metrics go to
 `<out_dir>/metrics.jsonl`; checkpoints to `<out_dir>/checkpoints/` on one process, or to Ray
 Train's checkpoint folders in `<out_dir>/` on Ray.
@@ -63,12 +64,22 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else a new local Ray)",
     )
-    parser.add_argument(
-        "--kill-worker-at-step",
+    chaos = parser.add_argument_group(
+        "fault injection (chaos testing, on Ray: the run must resume from its last checkpoint)"
+    )
+    chaos.add_argument(
+        "--kill-at-step",
         type=int,
         default=None,
         metavar="STEP",
-        help="fault injection for testing: SIGKILL the last worker once after STEP",
+        help="SIGKILL the last worker once, right after optimizer step STEP",
+    )
+    chaos.add_argument(
+        "--kill-after-checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="SIGKILL the last worker once, right after the checkpoint of step STEP is saved",
     )
     parser.add_argument(
         "--device", default=None, help="torch device without Ray (default: cuda if available)"
@@ -80,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None:
             overrides["resources.workers"] = args.workers
         cfg = load_run_config(args.config, overrides)
-        use_ray = cfg.resources.workers > 1 or args.workers or args.address
-        if use_ray or args.kill_worker_at_step is not None:
+        kills = {"kill_at_step": args.kill_at_step}
+        kills["kill_after_checkpoint"] = args.kill_after_checkpoint
+        faults = {k: v for k, v in kills.items() if v is not None}
+        if cfg.resources.workers > 1 or args.workers or args.address or faults:
             from apollo_ray import distributed  # imports Ray: only when asked for
 
-            metrics = distributed.run(cfg, args.address, args.kill_worker_at_step).metrics
+            metrics = distributed.run(cfg, args.address, faults or None).metrics
         else:
             trainer = Trainer(cfg, device=args.device, progress=not args.no_progress)
             if trainer.state.step:

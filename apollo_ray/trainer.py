@@ -13,46 +13,43 @@ is the data and sampler cursor, and growth is seeded by (seed, stage).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from apollo_ray.checkpoints import (
+    CHECKPOINT_FORMAT,
+    LocalStore,
+    Store,
+    check_same_run,
+    checkpoint_name,
+    rng_states,
+    set_rng_state,
+)
 from apollo_ray.config import ConfigError, RunConfig, TrainConfig
-from apollo_ray.data import Batches
+from apollo_ray.data import Batches, DeviceBatches
+from apollo_ray.faults import FaultInjection
 from apollo_ray.growth import grow, make_growth
+from apollo_ray.mirror import NullTracker, Tracker
 from apollo_ray.model import TransformerLM, flops_per_microbatch
+from apollo_ray.runlog import METRICS, MetricsLog, record_resume
 from apollo_ray.schedule import Schedule
 
-if TYPE_CHECKING:
-    from apollo_ray.tracking import RunMirror
-
 __all__ = [
-    "CHECKPOINT_FORMAT",
-    "LocalStore",
     "NonFiniteLossError",
-    "Store",
     "TrainState",
     "Trainer",
+    "autocast_for",
     "build_optimizer",
-    "checkpoints",
-    "latest_checkpoint",
-    "load_checkpoint",
     "lr_at",
 ]
-
-CHECKPOINT_FORMAT = 1
-RESUMES = "resumes.jsonl"  # one row per restart from a checkpoint: {"step", "time"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,122 +99,6 @@ def autocast_for(precision: str, device: torch.device):
     return nullcontext()
 
 
-# Checkpoint files: step-0000150.pt (periodic), step-0000150.pre-growth.pt and
-# step-0000150.post-growth.pt (stage boundary, before and after growing the layers).
-TAGS = ("", ".pre-growth", ".post-growth")
-PERIODIC = re.compile(r"step-\d{7}")
-
-
-def is_periodic(name: str) -> bool:
-    """A periodic checkpoint's name (`step-0000150`, no growth tag), without `.pt`."""
-    return PERIODIC.fullmatch(name) is not None
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """A run's checkpoints, oldest first (at one step: periodic, pre-growth, post-growth)."""
-    return sorted(
-        (run_dir / "checkpoints").glob("step-*.pt"), key=lambda p: checkpoint_order(p.name)
-    )
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def load_checkpoint(path: Path | IO[bytes], name: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint (a path or an open binary file) safely (`weights_only=True`: tensors
-    and plain Python types only)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{name or path}: not an apollo_ray checkpoint (format {CHECKPOINT_FORMAT})"
-        )
-    return ckpt
-
-
-def checkpoint_order(name: str) -> tuple[int, int]:
-    """Sort key of checkpoint names (`step-0000150[.pre-growth|.post-growth]`, with or without
-    `.pt`): by step, and at one step periodic, pre-growth, post-growth."""
-    step, _, tag = name.removesuffix(".pt").partition(".")
-    return int(step.removeprefix("step-")), TAGS.index(f".{tag}" if tag else "")
-
-
-class Store(Protocol):
-    """Where checkpoints go and where a resumed run finds them."""
-
-    def latest(self) -> dict[str, Any] | None: ...
-
-    def location(self, name: str) -> str:
-        """Where checkpoint `name` lies once reported (a path or a pyarrow.fs URI)."""
-
-    def report(
-        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None, name: str = ""
-    ) -> None:
-        """Called by every rank at the same points; `checkpoint` is given on rank 0 only."""
-
-
-class LocalStore:
-    """Checkpoints as files `<run_dir>/checkpoints/<name>.pt`, written atomically; the newest
-    `keep` periodic ones are kept, stage-boundary ones all. Metrics are ignored here (they go to
-    metrics.jsonl)."""
-
-    def __init__(self, run_dir: Path, keep: int) -> None:
-        self.run_dir, self.keep = run_dir, keep
-
-    def latest(self) -> dict[str, Any] | None:
-        path = latest_checkpoint(self.run_dir)
-        return load_checkpoint(path) if path else None
-
-    def location(self, name: str) -> str:
-        return str(self.run_dir / "checkpoints" / f"{name}.pt")
-
-    def report(
-        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None, name: str = ""
-    ) -> None:
-        if checkpoint is None:
-            return
-        path = self.run_dir / "checkpoints" / f"{name}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-        periodic = [p for p in checkpoints(self.run_dir) if is_periodic(p.stem)]
-        for old in periodic[: -self.keep]:
-            old.unlink()
-
-
-class MetricsLog:
-    """Metrics as JSON lines. On resume, rows the checkpoint does not cover (a later step, or a
-    growth that happened after a pre-growth checkpoint) are dropped, so the file reads as one
-    uninterrupted run."""
-
-    def __init__(self, path: Path | None, resume_step: int, n_physical: int) -> None:
-        self.path = path
-        self._file = None
-        if path is None:  # not rank 0: a do-nothing twin
-            return
-        rows = []
-        if resume_step and path.exists():
-            rows = [
-                r
-                for r in map(json.loads, path.read_text().splitlines())
-                if r["step"] < resume_step
-                or (r["step"] == resume_step and r.get("n_physical", 0) <= n_physical)
-            ]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self._file = path.open("a")
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self._file:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-
-
 class Trainer:
     """Builds model, optimizer and data from a `RunConfig` and trains it, resuming from the
     store's latest checkpoint if there is one. `rank`/`world_size` > 1 need an initialised
@@ -232,7 +113,8 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         store: Store | None = None,
-        tracker: RunMirror | None = None,
+        tracker: Tracker | None = None,
+        faults: FaultInjection | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -240,7 +122,8 @@ class Trainer:
         self.progress = progress and rank == 0
         self.run_dir = cfg.output_dir
         self.store = store or LocalStore(self.run_dir, cfg.train.keep_checkpoints)
-        self.tracker = tracker if tracker is not None and rank == 0 else _NoTracker()
+        self.tracker = tracker if tracker is not None and rank == 0 else NullTracker()
+        self.faults = faults
         torch.manual_seed(cfg.seed)
         self.train_data = Batches(cfg.data, cfg.model.kind, "train", cfg.seed)
         self.val_data = Batches(cfg.data, cfg.model.kind, "val", cfg.seed)
@@ -253,7 +136,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.state = TrainState()
         self.autocast = autocast_for(cfg.train.precision, self.device)
-        self._prefetched: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.batches = DeviceBatches(self.train_data, cfg.train, self.device, rank, world_size)
         if world_size > 1:  # same init everywhere (above), then each rank its own dropout masks
             torch.manual_seed(cfg.seed + 1_000_003 * rank)
         if ckpt:
@@ -281,25 +164,14 @@ class Trainer:
         return self.cfg.model
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        saved, now = ckpt["run_config"], self.cfg.model_dump(mode="json")
-        changed = sorted(k for k in now.keys() - {"name", "out_dir"} if saved.get(k) != now[k])
-        if changed:
-            raise ConfigError(
-                f"{self.run_dir} holds checkpoints of a run with different {', '.join(changed)}; "
-                "resuming would mix two runs: use another `name`/`out_dir` or remove the old run"
-            )
+        check_same_run(ckpt["run_config"], self.cfg, self.run_dir)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
         if self.rank == 0:  # said, and recorded: when and from where this run resumed
             print(f"{self.cfg.name}: resuming from the checkpoint of step {self.state.step}")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with (self.run_dir / RESUMES).open("a") as f:
-                f.write(json.dumps({"step": self.state.step, "time": time.time()}) + "\n")
-        rng = ckpt["rng"][self.rank]
-        torch.set_rng_state(rng["cpu"])
-        if self.device.type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+            record_resume(self.run_dir, self.state.step)
+        set_rng_state(ckpt["rng"][self.rank], self.device)
 
     @property
     def eval_plan(self) -> list[int]:
@@ -313,7 +185,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=2))
         main = self.rank == 0
-        metrics_path = self.run_dir / "metrics.jsonl" if main else None
+        metrics_path = self.run_dir / METRICS if main else None
         log = MetricsLog(metrics_path, self.state.step, len(self.model.layers))
         tracker = self.tracker
         tracker.start()  # after the metrics log dropped what the checkpoint does not cover
@@ -343,6 +215,8 @@ class Trainer:
                     tracker.poll()
                 row = self.train_step()
                 step = self.state.step
+                if self.faults:
+                    self.faults.step_done(step)
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     row["eval_loss"] = self.state.eval_loss = self.evaluate()
                 if step % cfg.log_every == 0 or "eval_loss" in row or step == cfg.steps:
@@ -381,7 +255,7 @@ class Trainer:
             "n_physical": n_old,
             "eval_loss": before,
         }
-        self.save_checkpoint(row, ".pre-growth")
+        self.save_checkpoint(row, "pre-growth")
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + stage)
         with torch.random.fork_rng(devices=[]):  # fresh layers must not shift the dropout RNG
@@ -408,7 +282,7 @@ class Trainer:
             "wall_time": state.wall_time,
             "tokens": state.tokens,
         }
-        self.save_checkpoint(row, ".post-growth")
+        self.save_checkpoint(row, "post-growth")
         return row
 
     def lr(self, step: int) -> float:
@@ -442,14 +316,14 @@ class Trainer:
                     f"step {state.step} is in stage {where.stage} (N={where.n_physical}) but the "
                     f"model has {len(self.model.layers)} layers; grow() first"
                 )
-            input_ids, labels = self._batch(state.step, micro)
+            input_ids, labels = self.batches.get(state.step, micro)
             # DDP: all-reduce gradients once per step, on the last micro-batch
             sync = nullcontext() if last or self.world_size == 1 else self.net.no_sync()
             with sync:
                 with self.autocast:
                     _, loss = self.net(input_ids, labels, plan=where.plan)
                 (loss / cfg.grad_accum).backward()
-            self._prefetch(*((state.step + 1, 0) if last else (state.step, micro + 1)))
+            self.batches.prefetch(*((state.step + 1, 0) if last else (state.step, micro + 1)))
             loss_sum += loss.detach().float()
             tokens += input_ids.numel() * self.world_size
             state.flops += self.world_size * flops_per_microbatch(
@@ -490,31 +364,6 @@ class Trainer:
             "tokens_per_s": tokens / dt,
         }
 
-    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's micro-batch on the device: the prefetched one, or built now."""
-        if (step, micro) not in self._prefetched:
-            self._prefetch(step, micro)
-        return self._prefetched.pop((step, micro))
-
-    def _prefetch(self, step: int, micro: int) -> None:
-        """Build micro-batch (step, micro) and start its copy to the device (from pinned memory
-        on a GPU, so the copy does not wait for the kernels queued before it)."""
-        cfg = self.cfg.train
-        batch = self.train_data.batch(
-            step,
-            micro,
-            micro_batch=cfg.micro_batch,
-            grad_accum=cfg.grad_accum,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
-        pin = self.device.type == "cuda"
-        ids, labels = (
-            (t.pin_memory() if pin else t).to(self.device, non_blocking=pin)
-            for t in (batch["input_ids"], batch["labels"])
-        )
-        self._prefetched = {(step, micro): (ids, labels)}
-
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per predicted token over the first `eval_batches` validation micro-batches,
@@ -536,19 +385,15 @@ class Trainer:
         return (sums[0] / sums[1]).item()
 
     def save_checkpoint(self, row: dict[str, Any], tag: str = "") -> None:
-        """Hand the checkpoint `step-XXXXXXX<tag>` (built on rank 0 only) and the metrics row
-        to the store; every rank calls this at the same points."""
-        rng = {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
-        rngs = [rng]
-        if self.world_size > 1:  # every rank's dropout RNG, so each resumes its own stream
-            rngs = [None] * self.world_size
-            dist.all_gather_object(rngs, rng)
+        """Hand the checkpoint of this step (`tag`: "", "pre-growth" or "post-growth"; built on
+        rank 0 only) and the metrics row to the store; every rank calls this at the same
+        points."""
+        rngs = rng_states(self.device, self.world_size)
         ckpt = self.checkpoint(rngs) if self.rank == 0 else None
-        name = f"step-{self.state.step:07d}{tag}"
+        name = checkpoint_name(self.state.step, tag)
         self.store.report(row, ckpt, name)
+        if self.faults:
+            self.faults.checkpoint_saved(self.state.step)
         self.tracker.checkpoint(name, self.store.location(name), row)
 
     def checkpoint(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -565,22 +410,6 @@ class Trainer:
             "tokenizer_json": self.train_data.tokenizer_path,
             "run_config": self.cfg.model_dump(mode="json"),
         }
-
-
-class _NoTracker:
-    """The tracker of a run that is not tracked (and of every rank but 0): does nothing."""
-
-    def start(self) -> None:
-        pass
-
-    def poll(self) -> None:
-        pass
-
-    def checkpoint(self, name: str, location: str, row: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> bool:
-        return True
 
 
 def _fmt(x: float | None) -> str:

@@ -13,7 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from apollo_ray.tracking import DB_NAME, LocalServer
+from apollo_ray.mlflow_server import DB_NAME, LocalServer
+
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:

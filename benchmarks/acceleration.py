@@ -25,6 +25,8 @@ from apollo_ray.trainer import Trainer
 from benchmarks.common import RESULTS, print_table, save
 from benchmarks.throughput import demo_data
 
+__all__ = ["main", "run_config"]
+
 STAGES = {"depths": [1, 3, 6, 12], "stage_ends": [0.05, 0.10, 0.25]}
 METHODS = {
     "scratch": None,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+__all__ = ["RESULTS", "machine", "print_table", "save"]
+
 RESULTS = Path(__file__).parent / "results"
 
 

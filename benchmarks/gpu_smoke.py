@@ -25,6 +25,8 @@ from apollo_ray.trainer import Trainer
 from benchmarks.common import print_table, save
 from benchmarks.throughput import demo_data, device_tag
 
+__all__ = ["main", "max_difference", "rows_after", "run_config"]
+
 
 def run_config(kind: str, out: Path, args: argparse.Namespace) -> RunConfig:
     return RunConfig.model_validate(

@@ -30,6 +30,8 @@ from apollo_ray.trainer import Trainer
 from benchmarks.common import print_table, save
 from benchmarks.throughput import demo_data, plain_loop
 
+__all__ = ["main", "steady_tokens_per_s"]
+
 
 def steady_tokens_per_s(run_dir: Path) -> float:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -104,7 +106,8 @@ def main() -> None:
 
     from mlflow import MlflowClient
 
-    from apollo_ray.tracking import LocalServer, Target
+    from apollo_ray.mirror import Target
+    from apollo_ray.mlflow_server import LocalServer
 
     with LocalServer(out / "mlflow") as server:
         client = MlflowClient(server.uri)

@@ -34,6 +34,8 @@ from apollo_ray.model import TransformerLM, flops_per_microbatch
 from apollo_ray.trainer import Trainer, autocast_for
 from benchmarks.common import print_table, save
 
+__all__ = ["demo_data", "device_tag", "main", "peak_flops", "plain_loop"]
+
 
 def demo_data(kind: str) -> Path:
     path = Path("data") / f"demo-{kind}"

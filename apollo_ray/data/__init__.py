@@ -7,7 +7,7 @@ Prepare once (see `python -m apollo_ray.data --help`):
 then train from `DataConfig(path="data/bert")` with `Batches(config, "bert", "train", seed)`.
 """
 
-from .batches import IGNORE_INDEX, Batches
+from .batches import IGNORE_INDEX, Batches, DeviceBatches
 from .shards import Manifest, ShardInfo, SplitInfo, load_manifest, open_split, prepare
 from .sources import DataError, Source, iter_documents, resolve_source
 from .tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
@@ -17,6 +17,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "Batches",
     "DataError",
+    "DeviceBatches",
     "Manifest",
     "ShardInfo",
     "Source",

@@ -13,6 +13,7 @@ so one global batch holds the same sequences whatever the split into workers and
 accumulation. Train sequences are visited in a fresh permutation per epoch, seeded by
 (seed, epoch); val sequences in order. MLM masks are drawn from an RNG seeded by (seed, g), so
 they do not depend on the worker layout either. `labels` is -100 where there is no target.
+`DeviceBatches` serves one rank's training micro-batches on its device, the next one prefetched.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..config import DataConfig
-from .shards import Manifest, join_uri, load_manifest, open_split
+from ..config import DataConfig, TrainConfig
+from ..storage import join_uri
+from .shards import Manifest, load_manifest, open_split
 from .sources import DataError
 from .tokenizer import Kind
 
-__all__ = ["IGNORE_INDEX", "Batches"]
+__all__ = ["IGNORE_INDEX", "Batches", "DeviceBatches"]
 
 IGNORE_INDEX = -100  # the default ignore_index of torch.nn.functional.cross_entropy
 MIN_SEQ_LEN = DataConfig.model_fields["seq_len"].metadata[0].ge
@@ -152,3 +154,39 @@ class Batches:
             f"{self.config.path}: the {self.split} split has {tokens} tokens (longest shard "
             f"{longest}), too few for one sequence of seq_len {self.config.seq_len}; {advice}"
         )
+
+
+class DeviceBatches:
+    """This rank's training micro-batches on the device, the next one built and copied while
+    the current one runs (from pinned memory on a GPU, so the copy does not wait for the
+    kernels queued before it)."""
+
+    def __init__(
+        self, data: Batches, cfg: TrainConfig, device: torch.device, rank: int, world_size: int
+    ) -> None:
+        self.data, self.cfg, self.device = data, cfg, device
+        self.rank, self.world_size = rank, world_size
+        self._ready: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of micro-batch (step, micro): the prefetched one, or built now."""
+        if (step, micro) not in self._ready:
+            self.prefetch(step, micro)
+        return self._ready.pop((step, micro))
+
+    def prefetch(self, step: int, micro: int) -> None:
+        """Build micro-batch (step, micro) and start its copy to the device."""
+        batch = self.data.batch(
+            step,
+            micro,
+            micro_batch=self.cfg.micro_batch,
+            grad_accum=self.cfg.grad_accum,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        pin = self.device.type == "cuda"
+        ids, labels = (
+            (t.pin_memory() if pin else t).to(self.device, non_blocking=pin)
+            for t in (batch["input_ids"], batch["labels"])
+        )
+        self._ready = {(step, micro): (ids, labels)}

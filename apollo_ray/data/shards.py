@@ -27,12 +27,12 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs
 import pyarrow.ipc
 from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from ..storage import filesystem, is_uri, join_uri, read_bytes
 from .sources import DataError, Source, iter_documents, resolve_source
 from .tokenizer import SEPARATOR, Kind, load_tokenizer, special_ids, train_tokenizer
 
@@ -270,26 +270,10 @@ def _write_atomically(path: Path, text: str) -> None:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def _is_uri(location: str | Path) -> bool:
-    return "://" in str(location)
-
-
-def join_uri(location: str, *parts: str) -> str:
-    """`location/part/...` for a path or a `pyarrow.fs` URI, keeping a URI's query (such as
-    `?endpoint_override=...`) at the end where pyarrow expects it."""
-    base, sep, query = location.partition("?")
-    return "/".join([base.rstrip("/"), *parts]) + sep + query
-
-
 def load_manifest(location: str | Path) -> Manifest:
     """The manifest of prepared data at a local directory or a `pyarrow.fs` URI."""
     try:
-        if _is_uri(location):
-            fs, root = pyarrow.fs.FileSystem.from_uri(str(location))
-            with fs.open_input_stream(f"{root.rstrip('/')}/{MANIFEST}") as f:
-                text = f.read().decode()
-        else:
-            text = (Path(location) / MANIFEST).read_text()
+        text = read_bytes(join_uri(str(location), MANIFEST)).decode()
     except OSError:
         raise DataError(
             f"{location}: no {MANIFEST}, so no prepared data here; "
@@ -322,10 +306,10 @@ def open_split(
 
 def _open_shard(location: str | Path, name: str) -> pa.NativeFile:
     try:
-        if not _is_uri(location):
+        if not is_uri(location):
             return pa.memory_map(str(Path(location) / name), "r")
-        fs, root = pyarrow.fs.FileSystem.from_uri(str(location))
-        with fs.open_input_file(f"{root.rstrip('/')}/{name}") as f:
+        fs, path = filesystem(join_uri(str(location), name))
+        with fs.open_input_file(path) as f:
             return pa.BufferReader(f.read_buffer())
     except OSError as e:
         raise DataError(f"{location}/{name}: cannot read the shard ({e}); prepare again") from None

@@ -1,0 +1,326 @@
+"""Rank 0's mirror of a run into MLflow: the run's record kept up to date while it trains.
+
+`RunMirror` is the real `Tracker`; `NullTracker`, its do-nothing twin, is what every other rank
+and every untracked run gets. metrics.jsonl is the durable buffer: the mirror uploads the rows
+written since its cursor and the checkpoints its policy wants, never stopping training when
+MLflow cannot be reached, and `sync` uploads what is left afterwards. MLflow is imported only
+when a run is really mirrored, so training needs no MLflow installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlparse
+
+from apollo_ray.checkpoints import checkpoint_name, is_growth
+from apollo_ray.runlog import METRICS
+from apollo_ray.storage import fetch, is_uri
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
+
+__all__ = [
+    "NullTracker",
+    "RunMirror",
+    "Target",
+    "Tracker",
+    "Uploader",
+    "head_local",
+    "metrics_of",
+    "pending_rows",
+    "quick_failure",
+    "sync",
+    "tracked",
+]
+
+STATE = "mlflow.json"  # in a run's folder: which run it mirrors and how much is uploaded
+POLICIES = ("all", "last", "none")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class Tracker(Protocol):
+    """What the training loop tells a run's record (rank 0 only)."""
+
+    def start(self) -> None:
+        """Training (re)starts; the metrics log holds exactly the rows the checkpoint covers."""
+
+    def poll(self) -> None:
+        """New rows were written; upload them if it is time."""
+
+    def checkpoint(self, name: str, location: str, row: dict[str, Any]) -> None:
+        """Checkpoint `name` was saved at `location` (a path or a URI)."""
+
+    def close(self) -> bool:
+        """Training ended: upload what is left; True when nothing is."""
+
+
+class NullTracker:
+    """The tracker of a run that is not tracked, and of every rank but 0: does nothing."""
+
+    def start(self) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass
+
+    def checkpoint(self, name: str, location: str, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> bool:
+        return True
+
+
+@contextmanager
+def quick_failure(patient: bool) -> Iterator[None]:
+    """MLflow retries a failed HTTP request 7 times with growing pauses (minutes in all); while
+    training, one attempt is enough (the upload is tried again later). The timeout is the wait
+    for an answer, not for a whole checkpoint upload; a refused connection fails at once."""
+    if patient:
+        yield
+        return
+    saved = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="30")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which MLflow run a training run mirrors, and which checkpoints it uploads."""
+
+    uri: str
+    run_id: str
+    checkpoints: str = "last"
+
+    def __post_init__(self) -> None:
+        if self.checkpoints not in POLICIES:
+            raise ValueError(f"checkpoints must be one of {POLICIES}, got {self.checkpoints!r}")
+
+
+def metrics_of(row: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of a metrics.jsonl row (`loss` is logged as `train_loss`)."""
+    out = {}
+    for key, value in row.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(value):
+            out["train_loss" if key == "loss" else key] = float(value)
+    return out
+
+
+def head_local(uri: str) -> bool:
+    """Whether `uri` names a store only the machine it was made on reaches: a server on
+    loopback, or a database/folder path (on a cluster: the head node's)."""
+    parsed = urlparse(uri)
+    return parsed.scheme not in ("http", "https") or parsed.hostname in LOOPBACK
+
+
+class Uploader:
+    """The mirror's two MLflow calls, made from this process. On a cluster, rank 0 may sit on a
+    node that cannot reach a head-local MLflow; `distributed.HeadRelay` runs this class in an
+    actor on the head node instead, with the same methods."""
+
+    def __init__(self, uri: str) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(uri)
+
+    def log_batch(self, run_id: str, metrics: list[Metric], patient: bool) -> None:
+        with quick_failure(patient):
+            for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+                self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+    def log_checkpoint(
+        self, run_id: str, name: str, location: str, meta: dict[str, Any], patient: bool
+    ) -> None:
+        """Upload checkpoint `location` (a path or a pyarrow.fs URI) as `checkpoints/<name>.pt`,
+        with `meta` beside it as `<name>.json`."""
+        with tempfile.TemporaryDirectory() as tmp, quick_failure(patient):
+            file = Path(tmp) / f"{name}.pt"
+            if is_uri(location):
+                fetch(location, file)
+            else:
+                os.symlink(Path(location).resolve(), file)
+            (Path(tmp) / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+            self.client.log_artifacts(run_id, tmp, "checkpoints")
+
+
+class RunMirror:
+    """Keeps a run's MLflow record up to date from rank 0, without ever stopping training.
+
+    metrics.jsonl is the durable buffer: the mirror uploads the rows written since its cursor (a
+    byte offset kept in `<run_dir>/mlflow.json`) at most every `every_s` seconds and at the end;
+    checkpoints that the policy wants are uploaded when saved. If MLflow cannot be reached, the
+    attempt fails fast (no HTTP retries), a warning is printed once, and nothing is lost: the
+    rows stay behind the cursor and the checkpoint is listed as pending, both tried again after a
+    growing pause (5 s up to 5 min) and by `sync` after training (the trial driver calls it;
+    `python -m apollo_ray.report EXPERIMENT --sync` later)."""
+
+    def __init__(
+        self,
+        target: Target,
+        run_dir: str | Path,
+        final_step: int,
+        every_s: float = 10.0,
+        patient: bool = False,
+        uploader: Uploader | None = None,
+    ) -> None:
+        self.target, self.run_dir = target, Path(run_dir)
+        self.final = checkpoint_name(final_step)
+        self.every_s, self.patient = every_s, patient
+        self.uploader = uploader or Uploader(target.uri)
+        self.metrics = self.run_dir / METRICS
+        self.state = {"offset": 0, "logged": [], "pending": []}
+        path = self.run_dir / STATE
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("run_id") == target.run_id:
+                self.state.update({k: saved[k] for k in self.state})
+        self.last = 0.0
+        self.pause, self.retry_at, self.warned = 5.0, 0.0, False
+        self.start()
+        self._save()  # the run folder names its MLflow run from the start (for `sync`)
+
+    def start(self) -> None:
+        """Called when training (re)starts: a resumed run rewrote metrics.jsonl up to its
+        checkpoint, so the cursor cannot lie beyond its end (rows after it come again)."""
+        size = self.metrics.stat().st_size if self.metrics.exists() else 0
+        self.state["offset"] = min(self.state["offset"], size)
+
+    def wants(self, name: str) -> bool:
+        policy = self.target.checkpoints
+        if policy == "none":
+            return False
+        return name == self.final or (policy == "all" and is_growth(name))
+
+    def poll(self) -> None:
+        """Upload new rows if `every_s` has passed (and MLflow is not pausing after a failure)."""
+        now = time.monotonic()
+        if now - self.last >= self.every_s and now >= self.retry_at:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Upload every row and pending checkpoint not yet in MLflow; True when none is left."""
+        self.last = time.monotonic()
+        try:
+            self._upload_rows()
+            for name, location, row in list(self.state["pending"]):
+                self._upload_checkpoint(name, location, row)
+        except Exception as e:  # any failure to upload must leave training running
+            self._failed(e)
+            return False
+        self.pause, self.retry_at, self.warned = 5.0, 0.0, False
+        return True
+
+    def checkpoint(self, name: str, location: str, row: dict[str, Any]) -> None:
+        """Called once a checkpoint is saved at `location` (a path or a pyarrow.fs URI)."""
+        if not self.wants(name) or name in self.state["logged"]:
+            return
+        self.state["pending"].append([name, location, row])
+        self._save()
+        if time.monotonic() >= self.retry_at:
+            self.flush()
+
+    def close(self) -> bool:
+        return self.flush()
+
+    def _upload_rows(self) -> None:
+        from mlflow.entities import Metric
+
+        if not self.metrics.exists():
+            return
+        with self.metrics.open("rb") as f:
+            f.seek(self.state["offset"])
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # whole lines only
+        batch: list[Metric] = []
+        now = int(time.time() * 1000)
+        for line in data[:end].splitlines():
+            row = json.loads(line)
+            batch += [Metric(k, v, now, row["step"]) for k, v in metrics_of(row).items()]
+        if batch:
+            self.uploader.log_batch(self.target.run_id, batch, self.patient)
+        self.state["offset"] += end
+        self._save()
+
+    def _upload_checkpoint(self, name: str, location: str, row: dict[str, Any]) -> None:
+        meta = {
+            "checkpoint": f"{name}.pt",
+            "stored_at": location,
+            "run_dir": str(self.run_dir),
+            **{k: row.get(k) for k in ("step", "stage", "n_physical", "eval_loss", "flops")},
+            "resume": f"place it as the latest checkpoint of {self.run_dir} and train again",
+            "export": f"python -m apollo_ray.export {name}.pt HF_DIR [--tokenizer ...]",
+        }
+        self.uploader.log_checkpoint(self.target.run_id, name, location, meta, self.patient)
+        self.state["pending"] = [p for p in self.state["pending"] if p[0] != name]
+        self.state["logged"].append(name)
+        self._save()
+
+    def _failed(self, error: Exception) -> None:
+        self.retry_at = time.monotonic() + self.pause
+        self.pause = min(self.pause * 2, 300.0)
+        if not self.warned:
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            warnings.warn(
+                f"MLflow at {self.target.uri} did not take run {self.target.run_id}'s update "
+                f"({type(error).__name__}: {first}); training goes on, the rows stay in "
+                f"{self.metrics} and are uploaded when MLflow answers again",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.warned = True
+
+    def _save(self) -> None:
+        state = {**asdict(self.target), **self.state}
+        tmp = self.run_dir / f"{STATE}.tmp"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / STATE)
+
+
+def sync(run_dir: str | Path, uri: str | None = None) -> bool | None:
+    """Upload what a run's mirror left behind (rows and checkpoints), retrying as MLflow does;
+    None if the run was never tracked. `uri` overrides the recorded tracking URI (the study's
+    local server listens on a new port each time)."""
+    path = Path(run_dir) / STATE
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    target = Target(uri or saved["uri"], saved["run_id"], saved["checkpoints"])
+    return RunMirror(target, run_dir, final_step=0, patient=True).flush()
+
+
+def tracked(run_dir: str | Path) -> dict[str, Any] | None:
+    """The recorded state of a run's mirror (`uri`, `run_id`, `offset`, ...), or None."""
+    path = Path(run_dir) / STATE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def pending_rows(run_dir: str | Path) -> int:
+    """How many metrics rows of a tracked run are not in MLflow yet."""
+    state, metrics = tracked(run_dir), Path(run_dir) / METRICS
+    if state is None or not metrics.exists():
+        return 0
+    with metrics.open("rb") as f:
+        f.seek(state["offset"])
+        return f.read().count(b"\n")

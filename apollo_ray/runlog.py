@@ -1,0 +1,52 @@
+"""A run's own logs in its folder: `metrics.jsonl` (one JSON row per logged step, growth or
+evaluation) and `resumes.jsonl` (one row per restart from a checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METRICS", "RESUMES", "MetricsLog", "record_resume"]
+
+METRICS = "metrics.jsonl"
+RESUMES = "resumes.jsonl"
+
+
+class MetricsLog:
+    """Metrics as JSON lines. On resume, rows the checkpoint does not cover (a later step, or a
+    growth that happened after a pre-growth checkpoint) are dropped, so the file reads as one
+    uninterrupted run. With `path=None` (every rank but 0) it does nothing."""
+
+    def __init__(self, path: Path | None, resume_step: int, n_physical: int) -> None:
+        self.path = path
+        self._file = None
+        if path is None:
+            return
+        rows = []
+        if resume_step and path.exists():
+            rows = [
+                r
+                for r in map(json.loads, path.read_text().splitlines())
+                if r["step"] < resume_step
+                or (r["step"] == resume_step and r.get("n_physical", 0) <= n_physical)
+            ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self._file = path.open("a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._file:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+def record_resume(run_dir: Path, step: int) -> None:
+    """Append when and from which step a run resumed to `<run_dir>/resumes.jsonl`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / RESUMES).open("a") as f:
+        f.write(json.dumps({"step": step, "time": time.time()}) + "\n")
