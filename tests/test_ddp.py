@@ -13,38 +13,25 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY, metrics_rows, tiny_run
 
 from apollo_ray.config import RunConfig
 from apollo_ray.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # processes of their own
 
-def run_config(data, out, kind, **overrides) -> RunConfig:
-    cfg = {
-        "name": "dp",
-        "out_dir": str(out),
-        "seed": 5,
-        "model": {
-            "kind": kind,
-            "n_layer": 4,
-            "d_model": 32,
-            "n_head": 2,
-            "max_seq_len": 32,
-            "dropout": 0.0,
-        },
-        "data": {"path": str(data), "seq_len": 32},
-        "train": {
-            "steps": 8,
-            "micro_batch": 4,
-            "lr": 3e-3,
-            "eval_every": 4,
-            "eval_batches": 4,
-            "checkpoint_every": 4,
-            "log_every": 1,
-        },
-    }
-    for key, value in overrides.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
-    return RunConfig.model_validate(cfg)
+
+def run_config(data, out, kind, schedule=None, **train) -> RunConfig:
+    """The tiny run at 8 steps without dropout, from scratch unless given a `schedule`."""
+    return tiny_run(
+        data,
+        out,
+        kind,
+        name="dp",
+        seed=5,
+        train={"steps": 8, "eval_batches": 4, "checkpoint_every": 4, **train},
+        schedule=schedule,
+    )
 
 
 def _rank(rank: int, world: int, port: int, cfg_json: str, out: str) -> None:
@@ -88,13 +75,8 @@ def two_ranks(cfg: RunConfig, out) -> None:
     )
 
 
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_ranks_agree_on_every_plan(bert_data, tmp_path):
-    schedule = {"depths": [1, 2, 4], "stage_ends": [0.25, 0.5]}
-    cfg = run_config(bert_data, tmp_path, "bert", train={"grad_accum": 2}, schedule=schedule)
+    cfg = run_config(bert_data, tmp_path, "bert", TINY["schedule"], grad_accum=2)
     two_ranks(cfg, tmp_path)
     plans = [json.loads((tmp_path / f"plans-{r}.json").read_text()) for r in (0, 1)]
     assert plans[0] == plans[1] and len(plans[0]) == 16
@@ -103,12 +85,10 @@ def test_ranks_agree_on_every_plan(bert_data, tmp_path):
 
 def test_two_workers_train_like_one_with_accumulation(gpt_data, tmp_path):
     # global batch 8 = 1 worker x 4 x accum 2 = 2 workers x 4 x accum 1
-    one = Trainer(
-        run_config(gpt_data, tmp_path / "one", "gpt", train={"grad_accum": 2}), progress=False
-    )
+    one = Trainer(run_config(gpt_data, tmp_path / "one", "gpt", grad_accum=2), progress=False)
     one.fit()
     two_ranks(run_config(gpt_data, tmp_path / "two", "gpt"), tmp_path)
-    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    a, b = metrics_rows(tmp_path / "one"), metrics_rows(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "eval_loss"):
