@@ -22,8 +22,10 @@ FAULT_MARKER = ".fault-injected"
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Kill this process once: after optimizer step `kill_at_step`, or right after the
-    checkpoint of step `kill_after_checkpoint` is saved (either may be None)."""
+    """Kill this process once: after optimizer step `kill_at_step` (before that step's row is
+    logged), or right after the first checkpoint of step `kill_after_checkpoint` is saved (at
+    a stage boundary that is the periodic one if the step has one, else the pre-growth one).
+    Either may be None."""
 
     run_dir: Path
     kill_at_step: int | None = None

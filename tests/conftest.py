@@ -1,23 +1,78 @@
-"""Shared fixtures: small prepared datasets, built once per test session.
+"""Shared fixtures: small prepared datasets, built once per test session, and the tiny run and
+study every training test starts from.
 
 `bert_data` and `gpt_data` are directories written by `prepare` from the first 30 documents of
-the embedded `demo` corpus with a 2000-token vocabulary (a few seconds each).
+the embedded `demo` corpus with a 2000-token vocabulary (a few seconds each). `tiny_run` is a
+4-layer, 32-wide model trained 12 steps in 3 stages; tests change what they need with keyword
+overrides, so each says how its run differs from the tiny one.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs
 import pytest
 import yaml
 
+from apollo_ray.config import RunConfig
 from apollo_ray.data import prepare
-from apollo_ray.data.shards import join_uri
+from apollo_ray.storage import join_uri
+
+TINY: dict[str, Any] = {
+    "seed": 0,
+    "model": {"n_layer": 4, "d_model": 32, "n_head": 2, "max_seq_len": 32, "dropout": 0.0},
+    "data": {"seq_len": 32},
+    "train": {
+        "steps": 12,
+        "micro_batch": 4,
+        "lr": 3.0e-3,
+        "eval_every": 4,
+        "eval_batches": 2,
+        "checkpoint_every": 6,
+        "log_every": 1,
+    },
+    "schedule": {"depths": [1, 2, 4], "stage_ends": [0.25, 0.5]},  # growths at steps 3 and 6
+}
+
+
+def tiny_run_dict(
+    data: Path | str | dict[str, Any],
+    out: Path | str | None = None,
+    kind: str = "gpt",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The tiny run as the dict a run YAML holds (`name`/`out_dir` only with `out`).
+
+    `data` is the prepared data's path (or a `data` section holding it), `kind` the model's;
+    every other keyword names a section (`model`, `train`, `schedule`, `resources`: a dict is
+    merged into the tiny one; `schedule=None` trains from scratch at full depth) or a top-level
+    field (`seed`, `name`: replaced)."""
+    run = copy.deepcopy(TINY)
+    run["model"]["kind"] = kind
+    run["data"].update(data if isinstance(data, dict) else {"path": str(data)})
+    if out is not None:
+        run["name"], run["out_dir"] = Path(out).name, str(out)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            run[key] = {**run.get(key, {}), **value}
+        else:
+            run[key] = value
+    return run
+
+
+def tiny_run(
+    data: Path | str | dict[str, Any], out: Path | str, kind: str = "gpt", **overrides: Any
+) -> RunConfig:
+    """The validated tiny run writing to `out` (named after it); see `tiny_run_dict`."""
+    return RunConfig.model_validate(tiny_run_dict(data, out, kind, **overrides))
 
 
 def _prepare_demo(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Path:
@@ -95,35 +150,73 @@ def upload(folder: Path, s3: str, name: str) -> str:
     return join_uri(s3, name)
 
 
+# ------------------------------------------------------------------------------ studies
+
+SEARCH_SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
+
+# the brief's example study: a 6-layer BERT with the whole searchable generalisation
+EXAMPLE_STUDY: dict[str, Any] = {
+    "experiment": "demo-bert-small",
+    "prepare": {"sources": ["demo"], "vocab_size": 8192, "val_fraction": 0.05},
+    "base": {
+        "seed": 0,
+        "model": {"kind": "bert", "n_layer": 6, "d_model": 128, "n_head": 4, "max_seq_len": 64},
+        "data": {"path": "data/demo-bert", "seq_len": 64},
+        "train": {"steps": 120, "micro_batch": 16, "lr": 1.0e-3, "eval_every": 20},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "schedule": {"depths": [1, 3, 6], "stage_ends": [0.1, 0.25]},
+    },
+    "search": {
+        "trials": 6,
+        "sampler": {"kind": "tpe", "seed": 0},
+        "objective": "flops_saving",
+        "scheduler": {"kind": "asha", "grace_fraction": 0.25, "reduction_factor": 3},
+        "space": {
+            "train.lr": {"float": [3.0e-4, 3.0e-3], "log": True},
+            "schedule.depths": {"choice": [[1, 3, 6], [2, 6], [3, 6]]},
+            "schedule.stage_ends": {"increasing": [0.05, 0.5]},
+            "schedule.sampler": {"choice": ["apollo", "lvps", "uniform"]},
+            "schedule.tau": {
+                "float": [0.1, 5.0],
+                "log": True,
+                "when": {"schedule.sampler": "lvps"},
+            },
+            "schedule.alpha": {"float": [0.0, 1.0]},
+            "schedule.noise": {"float": [0.0, 0.05]},
+            "schedule.optimizer_state": {"choice": ["fresh", "copy"]},
+            "schedule.rewarmup_steps": {"int": [0, 30]},
+        },
+    },
+    "tracking": {"mlflow_uri": None, "checkpoints": "last"},
+}
+
+
+def edited_study(edit) -> dict[str, Any]:
+    """A copy of `EXAMPLE_STUDY` changed in place by `edit(data)`."""
+    data = copy.deepcopy(EXAMPLE_STUDY)
+    edit(data)
+    return data
+
+
+def write_study(tmp_path: Path, data: dict[str, Any]) -> Path:
+    """`data` as `tmp_path/study.yaml`."""
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def space_of(data: dict[str, Any]) -> dict[str, Any]:
+    """A study dict's `search.space`."""
+    return data["search"]["space"]
+
+
 def tiny_study(tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0e9)) -> Path:
     """A study YAML in `tmp_path`: a 4-layer GPT, 12 steps, 3 stages, random search over alpha
     and the LR (an LR of 1e9 makes the loss NaN at step 1)."""
     study = {
         "experiment": experiment,
         "output_dir": str(tmp_path / "outputs"),
-        "base": {
-            "seed": 0,
-            "model": {
-                "kind": "gpt",
-                "n_layer": 4,
-                "d_model": 32,
-                "n_head": 2,
-                "max_seq_len": 32,
-                "dropout": 0.0,
-            },
-            "data": {"path": str(gpt_data), "seq_len": 32},
-            "train": {
-                "steps": 12,
-                "micro_batch": 4,
-                "lr": 3.0e-3,
-                "eval_every": 4,
-                "eval_batches": 2,
-                "checkpoint_every": 6,
-                "log_every": 1,
-            },
-            "resources": {"workers": 1, "cpus_per_worker": 1},
-            "schedule": {"depths": [1, 2, 4], "stage_ends": [0.25, 0.5]},
-        },
+        "base": tiny_run_dict(gpt_data, resources={"workers": 1, "cpus_per_worker": 1}),
         "search": {
             "trials": trials,
             "max_concurrent_trials": 1,
@@ -147,3 +240,55 @@ def tiny_search(ray_cluster, tmp_path_factory, gpt_data) -> Path:
     root = tmp_path_factory.mktemp("search")
     assert main([str(tiny_study(root, gpt_data))]) == 0
     return root / "outputs"
+
+
+# ------------------------------------------------------------------ a run's rows, in MLflow too
+
+
+def write_metrics(path: Path, points: list[tuple[float, float]]) -> Path:
+    """A metrics.jsonl of eval points (flops, eval_loss), wall time flops / 10."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"step": i, "flops": f, "wall_time": f / 10, "eval_loss": loss}
+        for i, (f, loss) in enumerate(points)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def timeless(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows without their timing fields: what two runs of one config must agree on."""
+    drop = ("wall_time", "tokens_per_s")
+    return [{k: v for k, v in r.items() if k not in drop} for r in metrics_rows(run_dir)]
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of an MLflow run's metric `key`, by step."""
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def expected(rows: list[dict], key: str, column: str | None = None) -> list[tuple[int, float]]:
+    """(step, value) of metrics.jsonl's `column` (default `key`): what `history` must show."""
+    column = column or key
+    return sorted((r["step"], r[column]) for r in rows if column in r)
+
+
+def checkpoint_names(client, run_id: str) -> set[str]:
+    """The files under an MLflow run's `checkpoints/` artifacts."""
+    return {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints")}
+
+
+def search_runs(output_dir: Path, experiment: str = "tiny"):
+    """(client, experiment, runs) of a study's MLflow experiment in its local store."""
+    from mlflow import MlflowClient
+
+    from apollo_ray.mlflow_server import local_store
+
+    client = MlflowClient(local_store(output_dir)[0])
+    exp = client.get_experiment_by_name(experiment)
+    return client, exp, client.search_runs([exp.experiment_id])

@@ -1,4 +1,5 @@
-"""Depth samplers against the released LVPS probabilities (APOLLO.md) and their contract."""
+"""Depth samplers against the released LVPS probabilities (docs/method.md, section 3) and
+their contract."""
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from apollo_ray.depth import (
     make_sampler,
 )
 
-# APOLLO.md, "The pieces" 2: exact probabilities for L = 12 (to within 0.002) and their means.
+# docs/method.md, section 3: exact probabilities for L = 12 (to within 0.002) and their means.
 RELEASED = {
     1: ([0.736, 0.105, 0.053, 0.032, 0.021, 0.015, 0.011, 0.009, 0.007, 0.006, 0.005, 0.002], 1.77),
     3: ([0.637, 0.104, 0.070, 0.050, 0.037, 0.029, 0.023, 0.019, 0.016, 0.016], 4.23),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from apollo_ray.checkpoints import CHECKPOINT_FORMAT
 from apollo_ray.config import ModelConfig
 from apollo_ray.export import ExportError, export_checkpoint, main, to_hf
 from apollo_ray.model import TransformerLM
@@ -21,6 +22,15 @@ tokenizers = pytest.importorskip("tokenizers")
 
 V, B, T = 100, 2, 16
 SPECIALS = {"bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "gpt": ["<|endoftext|>"]}
+
+
+def minimal_checkpoint(model: TransformerLM) -> dict:
+    """What export reads of a training checkpoint: weights and model config."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "model_config": model.cfg.model_dump(),
+    }
 
 
 def scrambled_model(kind: str, n_physical: int = 3) -> TransformerLM:
@@ -75,6 +85,7 @@ def test_checkpoint_round_trip(tmp_path: Path, kind: str) -> None:
     ckpt = tmp_path / "step.pt"
     torch.save(
         {
+            "format": CHECKPOINT_FORMAT,
             "model": model.state_dict(),
             "model_config": model.cfg.model_dump(),
             "plan": plan,
@@ -116,7 +127,7 @@ def test_export_errors(tmp_path: Path) -> None:
 
     model = scrambled_model("bert")
     ckpt = tmp_path / "ok.pt"
-    torch.save({"model": model.state_dict(), "model_config": model.cfg.model_dump()}, ckpt)
+    torch.save(minimal_checkpoint(model), ckpt)
     torch.save({**torch.load(ckpt, weights_only=True), "plan": [0, 3]}, tmp_path / "bad_plan.pt")
     with pytest.raises(ExportError, match="bad 'plan'"):
         export_checkpoint(tmp_path / "bad_plan.pt", tmp_path / "out")
@@ -130,7 +141,7 @@ def test_export_errors(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = scrambled_model("gpt")
     ckpt = tmp_path / "ok.pt"
-    torch.save({"model": model.state_dict(), "model_config": model.cfg.model_dump()}, ckpt)
+    torch.save(minimal_checkpoint(model), ckpt)
     assert main([str(ckpt), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
     assert capsys.readouterr().out.strip() == str(tmp_path / "hf")

@@ -19,8 +19,9 @@ import yaml
 from conftest import tiny_study, upload
 from mlflow import MlflowClient
 
-from apollo_ray.data.shards import join_uri
-from apollo_ray.tracking import KIND, local_store
+from apollo_ray.mlflow_server import local_store
+from apollo_ray.storage import join_uri
+from apollo_ray.tracking import KIND
 
 STEPS, EVERY = 400, 50
 

@@ -8,11 +8,10 @@ import pyarrow.fs
 import torch
 from conftest import upload
 
+from apollo_ray.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT, RayStore
 from apollo_ray.config import DataConfig
 from apollo_ray.data import Batches
-from apollo_ray.data.shards import join_uri
-from apollo_ray.distributed import CHECKPOINT_FILE, RayStore
-from apollo_ray.trainer import CHECKPOINT_FORMAT
+from apollo_ray.storage import join_uri
 
 
 def test_shards_read_from_s3_give_the_same_batches(s3, gpt_data):

@@ -1,4 +1,4 @@
-"""Layer plans (APOLLO.md examples) and stage arithmetic of the progressive schedule."""
+"""Layer plans (docs/method.md examples) and stage arithmetic of the progressive schedule."""
 
 import pytest
 

@@ -1,8 +1,7 @@
-"""The schedule search: scoring and baseline caching without Ray, then real studies on a local
-Ray (Optuna suggestions, Ray Train trials, a diverging trial, the cached baseline, and an
-interrupted study resumed with --resume)."""
+"""`python -m apollo_ray.tune`: its pre-flight checks, then real studies on a local Ray (Optuna
+suggestions, Ray Train trials, a diverging trial, the cached baseline, and an interrupted study
+resumed with --resume)."""
 
-import hashlib
 import json
 import os
 import signal
@@ -16,51 +15,10 @@ from conftest import tiny_study
 from mlflow import MlflowClient
 
 from apollo_ray.config import ConfigError, load_run_config
-from apollo_ray.data import load_manifest
-from apollo_ray.study import baseline_config, baseline_key, load_study
-from apollo_ray.tracking import KIND, TRIAL, local_store
-from apollo_ray.tune import check_resources, ensure_baseline, main, pareto_front, score
-
-
-def write_metrics(path, points):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [
-        {"step": i, "flops": f, "wall_time": f / 10, "eval_loss": loss}
-        for i, (f, loss) in enumerate(points)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def test_score_uses_saving_or_compute_equivalent_saving(tmp_path):
-    base = write_metrics(tmp_path / "b.jsonl", [(0, 10), (500, 6), (1000, 4)])
-    fast = write_metrics(tmp_path / "f.jsonl", [(0, 10), (400, 4), (800, 3)])
-    slow = write_metrics(tmp_path / "s.jsonl", [(0, 10), (1000, 6)])
-    good = score(fast, base)
-    assert good["reached"] and good["saving"] == pytest.approx(0.6)  # 1 - 400 / 1000
-    bad = score(slow, base)
-    assert not bad["reached"] and bad["speedup"] == pytest.approx(0.5)  # baseline: 500 for 6
-    assert bad["saving"] == pytest.approx(1 - 1 / 0.5)  # negative: needed twice the compute
-
-
-def test_pareto_front():
-    rows = [
-        {"eval_loss": 3.0, "flops": 10},
-        {"eval_loss": 2.0, "flops": 20},
-        {"eval_loss": 3.5, "flops": 15},
-        {"eval_loss": 1.0, "flops": 40},
-    ]
-    assert [r["flops"] for r in pareto_front(rows)] == [10, 20, 40]
-
-
-def test_cached_baseline_is_reused_without_training(tmp_path, gpt_data):
-    study = load_study(tiny_study(tmp_path, gpt_data))
-    manifest = load_manifest(gpt_data).model_dump_json().encode()
-    name = f"{baseline_key(baseline_config(study))}-{hashlib.sha256(manifest).hexdigest()[:8]}"
-    run_dir = tmp_path / "outputs" / "baselines" / name
-    write_metrics(run_dir / "metrics.jsonl", [(0, 9.0), (100, 8.0)])
-    (run_dir / "done.json").write_text("{}")
-    assert ensure_baseline(study) == run_dir / "metrics.jsonl"  # no Ray was needed
+from apollo_ray.mlflow_server import local_store
+from apollo_ray.study import load_study
+from apollo_ray.tracking import KIND, TRIAL
+from apollo_ray.tune import check_resources, main
 
 
 def test_object_storage_output_is_refused_clearly(tmp_path, gpt_data, capsys):
