@@ -116,7 +116,15 @@ class TrainConfig(Strict):
         "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32"
     )
     eval_every: int = Field(100, ge=1, description="evaluate every this many steps (and at end)")
-    eval_batches: int = Field(8, ge=1, description="validation micro-batches per evaluation")
+    eval_batches: int = Field(
+        8, ge=1, description="validation micro-batches per evaluation during training"
+    )
+    final_eval_tokens: int = Field(
+        100_000,
+        ge=1,
+        description="the final evaluation reads the whole validation split, or as many of its "
+        "sequences as give at least this many predicted tokens (metrics: eval_tokens)",
+    )
     checkpoint_every: int = Field(500, ge=1, description="checkpoint every this many steps")
     keep_checkpoints: int = Field(2, ge=1, description="periodic checkpoints kept on disk")
     log_every: int = Field(10, ge=1, description="write train metrics every this many steps")

@@ -35,6 +35,7 @@ from apollo_ray.checkpoints import (
 )
 from apollo_ray.config import ConfigError, RunConfig, TrainConfig
 from apollo_ray.data import Batches, DeviceBatches
+from apollo_ray.evaluation import Evaluator
 from apollo_ray.faults import FaultInjection
 from apollo_ray.growth import grow, make_growth
 from apollo_ray.mirror import NullTracker, Tracker
@@ -126,7 +127,6 @@ class Trainer:
         self.faults = faults
         torch.manual_seed(cfg.seed)
         self.train_data = Batches(cfg.data, cfg.model.kind, "train", cfg.seed)
-        self.val_data = Batches(cfg.data, cfg.model.kind, "val", cfg.seed)
         self.model_cfg = self._model_config()
         self.schedule = Schedule(cfg.schedule, cfg.model.n_layer, cfg.train.steps, cfg.seed)
         self.growth = make_growth(self.schedule.cfg)
@@ -136,6 +136,14 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.state = TrainState()
         self.autocast = autocast_for(cfg.train.precision, self.device)
+        self.evaluator = Evaluator(
+            Batches(cfg.data, cfg.model.kind, "val", cfg.seed),
+            cfg,
+            self.device,
+            self.autocast,
+            rank,
+            world_size,
+        )
         self.batches = DeviceBatches(self.train_data, cfg.train, self.device, rank, world_size)
         if world_size > 1:  # same init everywhere (above), then each rank its own dropout masks
             torch.manual_seed(cfg.seed + 1_000_003 * rank)
@@ -217,7 +225,10 @@ class Trainer:
                 step = self.state.step
                 if self.faults:
                     self.faults.step_done(step)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                if step == cfg.steps:
+                    row |= self.final_evaluation()
+                    self.state.eval_loss = row["eval_loss"]
+                elif step % cfg.eval_every == 0:
                     row["eval_loss"] = self.state.eval_loss = self.evaluate()
                 if step % cfg.log_every == 0 or "eval_loss" in row or step == cfg.steps:
                     log.write(row)
@@ -364,25 +375,13 @@ class Trainer:
             "tokens_per_s": tokens / dt,
         }
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per predicted token over the first `eval_batches` validation micro-batches,
-        at full depth; the batches are split over the ranks and the sums all-reduced, so every
-        rank gets the same value whatever the number of workers."""
-        self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss * n, n)
-        for i in range(self.rank, self.cfg.train.eval_batches, self.world_size):
-            batch = self.val_data.batch(i, 0, micro_batch=self.cfg.train.micro_batch)
-            labels = batch["labels"].to(self.device)
-            with self.autocast:
-                _, loss = self.model(
-                    batch["input_ids"].to(self.device), labels, plan=self.eval_plan
-                )
-            n = (labels != -100).sum()
-            sums += torch.stack([loss.double() * n, n.double()])
-        if self.world_size > 1:
-            dist.all_reduce(sums)
-        return (sums[0] / sums[1]).item()
+        """The held-out loss during training (`Evaluator.loss`)."""
+        return self.evaluator.loss(self.model, self.eval_plan)
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """The final held-out loss with its standard error (`Evaluator.final`)."""
+        return self.evaluator.final(self.model, self.eval_plan)
 
     def save_checkpoint(self, row: dict[str, Any], tag: str = "") -> None:
         """Hand the checkpoint of this step (`tag`: "", "pre-growth" or "post-growth"; built on

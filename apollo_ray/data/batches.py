@@ -96,7 +96,12 @@ class Batches:
             + micro * world_size * micro_batch
             + rank * micro_batch
         )
-        samples = range(first, first + micro_batch)
+        return self.samples(first, micro_batch)
+
+    def samples(self, first: int, count: int) -> dict[str, torch.Tensor]:
+        """`input_ids` and `labels`, both (count, seq_len) int64, of global samples `first`,
+        ..., `first + count - 1` (of the validation split: its sequences in order)."""
+        samples = range(first, first + count)
         windows = np.stack([self._window(self._sequence(g)) for g in samples]).astype(np.int64)
         if self.kind == "gpt":
             input_ids, labels = windows[:, :-1], windows[:, 1:]
