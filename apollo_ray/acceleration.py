@@ -1,5 +1,9 @@
-"""How much cheaper a run reaches the from-scratch baseline's loss: FLOPs and wall-clock savings,
-acceleration ratios, a compute-equivalent speedup, and the loss-vs-FLOPs figure.
+"""How much cheaper a run first reaches a scratch run's final loss (the Apollo paper's metric:
+FLOPs and wall-clock savings, acceleration ratios), and the loss-vs-FLOPs figure.
+
+The yardstick that decides whether a schedule saves compute is the scratch frontier
+(`apollo_ray.frontier`): a method's final loss against scratch runs that each finished their
+own schedule. The figure here draws both.
 
 Both runs are read from their `metrics.jsonl` (only the eval rows, which carry cumulative
 `flops` and `wall_time`); the definitions follow docs/method.md, section 8:
@@ -15,12 +19,12 @@ Conventions (see `compare` for the details):
   by linear interpolation between that point and the one before it (in FLOPs and in seconds,
   separately);
 - saving = 1 - cost to reach the target / the baseline's total cost; acceleration =
-  1 / (1 - saving);
-- speedup = the baseline's FLOPs to reach the method's final loss / the method's total FLOPs.
+  1 / (1 - saving).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +36,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
+
+from apollo_ray.frontier import Frontier
 
 __all__ = ["Acceleration", "Curve", "compare", "first_reach", "plot_loss_vs_flops"]
 
@@ -157,8 +163,6 @@ class Acceleration:
     wall_saving: float | None
     acceleration: float | None
     wall_acceleration: float | None
-    speedup: float
-    speedup_is_lower_bound: bool
     final_loss_gap: float
     method_flops: float
     method_wall: float
@@ -198,11 +202,6 @@ def compare(method: Curve, baseline: Curve) -> Acceleration:
       reached before any training), `wall_acceleration` likewise. A method that needs more than
       the baseline's total has a negative saving and an acceleration below 1. All four, and both
       "to target" fields, are None when the target is never reached.
-    - `speedup` (compute-equivalent, defined either way): F_baseline(method's final loss) / the
-      method's total FLOPs, with F_baseline the baseline's own `first_reach`. If the method ends
-      below every loss the baseline reached, the baseline would have needed more than its total:
-      speedup = baseline total / method total and `speedup_is_lower_bound` is True. If the method
-      ends above the baseline's starting loss, speedup = 0.0.
     - `final_loss_gap` = method final loss - target loss (negative: the method ends better).
     """
     target = baseline.final_loss
@@ -218,16 +217,6 @@ def compare(method: Curve, baseline: Curve) -> Acceleration:
         wall_accel = _ratio(baseline.total_wall, wall_to)
 
     end = method.final_loss
-    lower_bound = end < baseline.loss.min()
-    if end > baseline.loss[0]:
-        speedup = 0.0
-    elif lower_bound:
-        speedup = baseline.total_flops / method.total_flops
-    else:
-        equivalent = first_reach(baseline, end)
-        assert equivalent is not None  # end >= the baseline's minimum
-        speedup = equivalent[0] / method.total_flops
-
     return Acceleration(
         method=method.name,
         baseline=baseline.name,
@@ -239,8 +228,6 @@ def compare(method: Curve, baseline: Curve) -> Acceleration:
         wall_saving=wall_saving,
         acceleration=accel,
         wall_acceleration=wall_accel,
-        speedup=speedup,
-        speedup_is_lower_bound=bool(lower_bound),
         final_loss_gap=end - target,
         method_flops=method.total_flops,
         method_wall=method.total_wall,
@@ -270,25 +257,103 @@ def _x_unit(x: Literal["flops", "wall"], largest: float) -> tuple[float, str]:
 
 def plot_loss_vs_flops(
     curves: Sequence[Curve],
-    baseline: Curve,
+    baseline: Curve | None,
     path: str | Path,
     title: str | None = None,
     x: Literal["flops", "wall"] = "flops",
+    frontier: Frontier | None = None,
 ) -> Path:
     """Eval loss against cumulative training FLOPs (or seconds, `x="wall"`), as a PNG at `path`.
 
-    One line per curve with a marker at each eval point and the baseline dashed; a dotted line at
-    the target loss (the baseline's final eval loss); for each curve that reaches it, a vertical
-    line where it first does and a label with its saving and acceleration. Returns the path."""
+    One line per curve with a marker at each eval point. With `frontier`, the scratch frontier:
+    each scratch run's final loss at its total compute (squares, labelled by budget), joined
+    as the frontier interpolates them. With `baseline` (the scratch run of the trials' own
+    budget), its curve dashed, a dotted line at its final loss (the target of the paper's
+    metric) and, for each curve that reaches it, a vertical line where it first does, labelled
+    with that saving and acceleration. Returns the path."""
     if x not in ("flops", "wall"):
         raise ValueError(f'x must be "flops" or "wall", got {x!r}')
     others = [c for c in curves if c is not baseline]
-    largest = max(float(getattr(c, x)[-1]) for c in [baseline, *others])
-    scale, xlabel = _x_unit(x, largest)
-    target = baseline.final_loss
+    ends = [float(getattr(c, x)[-1]) for c in [*others, *([baseline] if baseline else [])]]
+    ends += [getattr(p, x) for p in frontier.points] if frontier else []
+    scale, xlabel = _x_unit(x, max(ends))
 
     fig = Figure(figsize=(7.5, 4.8), dpi=150, layout="constrained")
     ax = fig.add_subplot()
+    if frontier is not None:
+        _draw_frontier(ax, frontier, x, scale)
+    if baseline is not None:
+        _draw_baseline(ax, baseline, x, scale)
+
+    crossings = []
+    for i, curve in enumerate(others):
+        color = f"C{i % 10}"
+        ax.plot(
+            getattr(curve, x) / scale,
+            curve.loss,
+            "-o",
+            color=color,
+            markersize=3,
+            linewidth=1.6,
+            label=curve.name,
+            zorder=4,
+        )
+        result = compare(curve, baseline) if baseline is not None else None
+        if result is not None and result.reached:
+            at, saving, accel = (
+                (result.flops_to_target, result.flops_saving, result.acceleration)
+                if x == "flops"
+                else (result.wall_to_target, result.wall_saving, result.wall_acceleration)
+            )
+            assert at is not None and saving is not None and accel is not None  # reached
+            crossings.append((at / scale, saving, accel, color))
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("eval loss")
+    ax.set_title(title or f"Eval loss vs {xlabel.split(' (')[0]}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
+    ax.set_xlim(left=0)
+    if baseline is not None:
+        _mark_crossings(ax, crossings, baseline.final_loss, "FLOPs" if x == "flops" else "time")
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _draw_frontier(ax: Axes, frontier: Frontier, x: str, scale: float) -> None:
+    """The envelope through the scratch runs' end points, log-linear in compute between them."""
+    xs, ys = [], []
+    points = frontier.points
+    for (a, la), (b, lb) in itertools.pairwise(zip(points, frontier.envelope, strict=True)):
+        frac = np.linspace(0.0, 1.0, 24)
+        xa, xb = getattr(a, x), getattr(b, x)
+        xs += list(np.exp(np.log(xa) + frac * (np.log(xb) - np.log(xa))) / scale)
+        ys += list(la + frac * (lb - la))
+    ax.plot(xs, ys, "-", color="black", linewidth=2.2, alpha=0.8, zorder=2)
+    ax.plot(
+        [getattr(p, x) / scale for p in points],
+        [p.loss for p in points],
+        "s",
+        color="black",
+        markersize=5,
+        label="scratch frontier (final losses)",
+        zorder=5,
+    )
+    for p in points:
+        ax.annotate(
+            f"{p.budget:g}x",
+            (getattr(p, x) / scale, p.loss),
+            xytext=(4, 4),
+            textcoords="offset points",
+            fontsize=7,
+        )
+
+
+def _draw_baseline(ax: Axes, baseline: Curve, x: str, scale: float) -> None:
+    target = baseline.final_loss
     ax.plot(
         getattr(baseline, x) / scale,
         baseline.loss,
@@ -296,7 +361,7 @@ def plot_loss_vs_flops(
         color="0.35",
         markersize=3,
         linewidth=1.6,
-        label=f"{baseline.name} (baseline)",
+        label=f"{baseline.name} (curve)",
         zorder=3,
     )
     ax.axhline(target, color="0.35", linestyle=":", linewidth=1.2, zorder=1)
@@ -312,42 +377,6 @@ def plot_loss_vs_flops(
         color="0.35",
     )
 
-    crossings = []
-    for i, curve in enumerate(others):
-        color = f"C{i % 10}"
-        ax.plot(
-            getattr(curve, x) / scale,
-            curve.loss,
-            "-o",
-            color=color,
-            markersize=3,
-            linewidth=1.6,
-            label=curve.name,
-            zorder=4,
-        )
-        result = compare(curve, baseline)
-        if result.reached:
-            at, saving, accel = (
-                (result.flops_to_target, result.flops_saving, result.acceleration)
-                if x == "flops"
-                else (result.wall_to_target, result.wall_saving, result.wall_acceleration)
-            )
-            assert at is not None and saving is not None and accel is not None  # reached
-            crossings.append((at / scale, saving, accel, color))
-
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("eval loss")
-    ax.set_title(title or f"Eval loss vs {xlabel.split(' (')[0]}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
-    ax.set_xlim(left=0)
-    _mark_crossings(ax, crossings, target, "FLOPs" if x == "flops" else "time")
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
 
 def _mark_crossings(
     ax: Axes, crossings: list[tuple[float, float, float, str]], target: float, what: str
@@ -362,8 +391,9 @@ def _mark_crossings(
     placed: list[Bbox] = []
     rows = 0
     for at, saving, accel, color in sorted(crossings):
+        sign = "−" if saving >= 0 else "+"
         label = ax.annotate(
-            f"{'−' if saving >= 0 else '+'}{abs(saving) * 100:.1f}% {what} ({accel:.2f}×)",
+            f"{sign}{abs(saving) * 100:.1f}% {what} to target ({accel:.2f}×)",
             (at, target),
             xytext=(-5, -8),
             textcoords="offset points",

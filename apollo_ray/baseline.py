@@ -1,9 +1,11 @@
-"""The scratch baseline every trial of a study is measured against: its config, its key, and
-training it once.
+"""The yardstick every trial of a study is read against: the scratch frontier, trained once.
 
-The baseline is the study's base run without a schedule (full depth from step 0). It is cached
-in `<output_dir>/baselines/<key>/` by a key of what determines its curve, the config and the
-prepared data, so another study with the same setup reuses it instead of training it again.
+The frontier is a set of from-scratch runs of the study's base model (no schedule: full depth
+from step 0) at several budgets (`frontier`: 1/4, 1/2, 1 and 2 times base.train.steps by
+default), each with its own warmup and full decay (docs/method.md, section 8). Each run is
+cached in `<output_dir>/baselines/<key>/` by a key of what determines its curve, the config and
+the prepared data, so another study with the same setup reuses it instead of training it again.
+In MLflow they are the children of the study's `baseline` run.
 """
 
 from __future__ import annotations
@@ -11,23 +13,32 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from apollo_ray import distributed
+from apollo_ray.acceleration import Curve
 from apollo_ray.checkpoints import CHECKPOINT_FILE, checkpoint_name
 from apollo_ray.config import RunConfig
 from apollo_ray.data import load_manifest
+from apollo_ray.frontier import Frontier, FrontierPoint
 from apollo_ray.mirror import RunMirror
-from apollo_ray.results import log_run_results
+from apollo_ray.results import log_frontier, log_run_results
 from apollo_ray.runlog import METRICS
 from apollo_ray.storage import join_uri
 from apollo_ray.study import BASELINES, StudyConfig
-from apollo_ray.tracking import StudyRecord, tracked_run
+from apollo_ray.tracking import KIND, STUDY, StudyRecord, group_run, tracked_run
 
-__all__ = ["DONE_MARKER", "baseline_config", "baseline_key", "ensure_baseline"]
+__all__ = [
+    "DONE_MARKER",
+    "Scratch",
+    "baseline_key",
+    "ensure_frontier",
+    "frontier_configs",
+]
 
-DONE_MARKER = "done.json"  # in the baseline's folder once it trained to the end
+DONE_MARKER = "done.json"  # in a scratch run's folder once it trained to the end
 
 
 def baseline_key(cfg: RunConfig) -> str:
@@ -51,37 +62,87 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def baseline_config(study: StudyConfig) -> RunConfig:
-    """The scratch baseline of a study: base without a schedule, named "baseline", in
-    <output_dir>/baselines/<baseline_key>."""
-    out_dir = join_uri(study.baselines_dir, baseline_key(study.base))
-    data = {**study.base.model_dump(), "schedule": None, "name": "baseline", "out_dir": out_dir}
-    return RunConfig.model_validate(data)
+def frontier_configs(study: StudyConfig) -> dict[float, RunConfig]:
+    """budget -> the scratch run of that budget: base without a schedule, `budget` times its
+    steps, named `scratch-<budget>x`, in <output_dir>/baselines/<baseline_key>."""
+    configs = {}
+    for budget in study.frontier:
+        data = study.base.model_dump()
+        data["train"]["steps"] = round(budget * study.base.train.steps)
+        data |= {"schedule": None, "name": f"scratch-{budget:g}x"}
+        key = baseline_key(RunConfig.model_validate(data))
+        data["out_dir"] = join_uri(study.baselines_dir, key)
+        configs[budget] = RunConfig.model_validate(data)
+    return configs
 
 
-def ensure_baseline(study: StudyConfig, record: StudyRecord | None = None) -> Path:
-    """Train (or reuse) the scratch baseline; returns its metrics.jsonl. With `record`, the
-    baseline is a child run of the study in MLflow (a reused one is uploaded from its files)."""
-    cfg = baseline_config(study)
+@dataclass(frozen=True)
+class Scratch:
+    """The study's scratch runs, by budget: where each one's metrics.jsonl is."""
+
+    runs: dict[float, str]
+
+    @property
+    def full(self) -> Path:
+        """The metrics of the scratch run at the trials' own budget (1.0)."""
+        return Path(self.runs[1.0])
+
+    def frontier(self) -> Frontier:
+        points = []
+        for budget, path in self.runs.items():
+            curve = Curve.from_metrics(path)
+            points.append(
+                FrontierPoint(budget, curve.total_flops, curve.total_wall, curve.final_loss)
+            )
+        return Frontier(points)
+
+    def curves(self) -> list[Curve]:
+        """Each run's eval curve, named `scratch <budget>x`, smallest budget first."""
+        return [
+            Curve.from_metrics(path, name=f"scratch {budget:g}x")
+            for budget, path in sorted(self.runs.items())
+        ]
+
+
+def ensure_frontier(study: StudyConfig, record: StudyRecord | None = None) -> Scratch:
+    """Train (or reuse) the scratch runs of the frontier. With `record`, they are children of
+    the study's `baseline` run in MLflow (a reused one is uploaded from its files), which holds
+    the frontier's points and plot."""
+    tags = {KIND: "baseline", STUDY: study.experiment}
+    params = {"frontier": study.frontier, "steps": study.base.train.steps}
+    with group_run(record, "baseline", tags, params) as group:
+        runs = {}
+        for budget, cfg in frontier_configs(study).items():
+            runs[budget] = str(_ensure_run(study, group, cfg, budget))
+        scratch = Scratch(runs)
+        if group is not None:
+            log_frontier(group, scratch.frontier(), scratch.curves(), study.experiment)
+    return scratch
+
+
+def _ensure_run(
+    study: StudyConfig, group: StudyRecord | None, cfg: RunConfig, budget: float
+) -> Path:
     run_dir = cfg.output_dir
     metrics = run_dir / METRICS
     cached = (run_dir / DONE_MARKER).exists()
-    with tracked_run(study, record, cfg, "baseline", {}) as target:
+    searched = {"budget": budget}
+    with tracked_run(study, group, cfg, "frontier", searched, trial_id=cfg.name) as target:
         if cached:
-            print(f"baseline: reusing {run_dir}", file=sys.stderr)
+            print(f"scratch {budget:g}x: reusing {run_dir}", file=sys.stderr)
             if target is not None:  # its rows and (policy permitting) its final checkpoint
                 mirror = RunMirror(target, run_dir, cfg.train.steps)
                 final = checkpoint_name(cfg.train.steps)
                 location = join_uri(study.storage(BASELINES), run_dir.name, final, CHECKPOINT_FILE)
                 mirror.checkpoint(final, location, _last_row(metrics))
                 mirror.flush()
-                record.client().set_tag(target.run_id, "apollo.cached", str(run_dir))
+                group.client().set_tag(target.run_id, "apollo.cached", str(run_dir))
         else:
-            print(f"baseline: training the scratch model in {run_dir}", file=sys.stderr)
+            print(f"scratch {budget:g}x: training in {run_dir}", file=sys.stderr)
             result = distributed.run(cfg, tracking=target, storage_path=study.storage(BASELINES))
             (run_dir / DONE_MARKER).write_text(json.dumps(result.metrics, indent=2) + "\n")
         if target is not None:
-            log_run_results(record.client(), target.run_id, cfg, metrics, metrics, None)
+            log_run_results(group.client(), target.run_id, cfg, metrics, None, None)
     return metrics
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -26,19 +25,13 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from apollo_ray.acceleration import Curve, plot_loss_vs_flops
+from apollo_ray.frontier import Frontier, FrontierPoint
 from apollo_ray.mirror import pending_rows, sync, tracked
 from apollo_ray.mlflow_server import DB_NAME, local_store
-from apollo_ray.summary import text_table
+from apollo_ray.summary import ranking, text_table
 from apollo_ray.tracking import END, KIND, find_run
 
 __all__ = ["curve_of", "main", "study_runs", "sync_study", "table_rows"]
-
-ORDER = {  # objective -> (column, best first is descending)
-    "speedup": ("speedup", True),
-    "flops_saving": ("saving", True),
-    "eval_loss": ("final_eval_loss", False),
-    "pareto": ("final_eval_loss", False),
-}
 
 
 class ReportError(ValueError):
@@ -46,7 +39,8 @@ class ReportError(ValueError):
 
 
 def study_runs(client: MlflowClient, experiment: str) -> tuple[Any, list[Any]]:
-    """(the latest study run, its child runs) of `experiment`."""
+    """(the latest study run, its child runs and the baseline's: the frontier's scratch runs)
+    of `experiment`."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -54,13 +48,21 @@ def study_runs(client: MlflowClient, experiment: str) -> tuple[Any, list[Any]]:
     parent = find_run(client, exp.experiment_id, **{KIND: "study"})
     if parent is None:
         raise ReportError(f"experiment {experiment!r} has no study run (tag {KIND})")
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'"
-    children = client.search_runs([exp.experiment_id], query, max_results=10_000)
+    children = _children(client, exp.experiment_id, parent.info.run_id)
+    for run in list(children):
+        if run.data.tags.get(KIND) == "baseline":
+            children += _children(client, exp.experiment_id, run.info.run_id)
     return parent, children
 
 
+def _children(client: MlflowClient, experiment_id: str, run_id: str) -> list[Any]:
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'"
+    return client.search_runs([experiment_id], query, max_results=10_000)
+
+
 def table_rows(parent: Any, children: list[Any]) -> list[dict[str, Any]]:
-    """One row per child run, best first by the study's objective (unscored runs last)."""
+    """One row per trial and scratch run: the scratch runs by budget, then the trials best
+    first as the study ranks them (`summary.ranking`), unscored runs last."""
     rows = []
     for run in children:
         m, tags = run.data.metrics, run.data.tags
@@ -71,9 +73,12 @@ def table_rows(parent: Any, children: list[Any]) -> list[dict[str, Any]]:
                 "kind": tags.get(KIND, "?"),
                 "status": run.info.status,
                 "final_eval_loss": m.get("final_eval_loss"),
+                "eval_loss_se": m.get("eval_loss_se"),
                 "saving": m.get("saving"),
                 "speedup": m.get("speedup"),
+                "bound": "lower" if m.get("speedup_is_lower_bound") else None,
                 "total_flops": m.get("total_flops"),
+                "total_wall_time": m.get("total_wall_time"),
                 "params": {
                     k.removeprefix("searched."): v
                     for k, v in sorted(run.data.params.items())
@@ -82,17 +87,17 @@ def table_rows(parent: Any, children: list[Any]) -> list[dict[str, Any]]:
                 "note": tags.get(END, ""),
             }
         )
-    column, descending = ORDER[parent.data.params.get("objective", "speedup")]
-
-    def key(row: dict[str, Any]) -> tuple[int, float]:
-        value = row[column]
-        if row["kind"] == "baseline":
-            return (0, 0.0)
-        if value is None or not math.isfinite(value):
-            return (2, 0.0)
-        return (1, -value if descending else value)
-
-    return sorted(rows, key=key)
+    rows = [r for r in rows if r["kind"] != "baseline"]  # the group: its runs are rows
+    scratch = sorted(
+        (r for r in rows if r["kind"] == "frontier"), key=lambda r: float(r["params"]["budget"])
+    )
+    scored = [r for r in rows if r["kind"] == "trial" and r["speedup"] is not None]
+    order = ranking(parent.data.params.get("objective", "speedup"))
+    scored.sort(
+        key=lambda r: order({**r, "eval_loss": r["final_eval_loss"], "flops": r["total_flops"]})
+    )
+    rest = [r for r in rows if r["kind"] == "trial" and r["speedup"] is None]
+    return scratch + scored + rest
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -195,19 +200,32 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"study run {parent.info.run_id} ({parent.info.status}) at {uri}")
         print(format_rows(rows))
-    baseline = next((r for r in rows if r["kind"] == "baseline"), None)
+    scratch = [r for r in rows if r["kind"] == "frontier" and r["final_eval_loss"] is not None]
     scored = [r for r in rows if r["kind"] == "trial" and r["speedup"] is not None]
-    if baseline is None or not scored:
-        print("no baseline or no scored trial yet: no plot", file=sys.stderr)
+    full = next((r for r in scratch if float(r["params"]["budget"]) == 1.0), None)
+    if full is None or len(scratch) < 2 or not scored:
+        print("no frontier or no scored trial yet: no plot", file=sys.stderr)
         return 0
+    frontier = Frontier(
+        [
+            FrontierPoint(
+                float(r["params"]["budget"]),
+                r["total_flops"],
+                r["total_wall_time"],
+                r["final_eval_loss"],
+            )
+            for r in scratch
+        ]
+    )
     try:
-        base = curve_of(client, baseline["run_id"], "scratch")
+        base = curve_of(client, full["run_id"], "scratch 1x")
         curves = [curve_of(client, r["run_id"], r["run"]) for r in scored[: args.top]]
     except ValueError as e:  # a run whose curve is not (yet) in MLflow: try --sync
         print(f"no plot: {e} (run with --sync to upload what runs left behind)", file=sys.stderr)
         return 0
     out = args.out or study_dir / "report" / "loss_vs_flops.png"
-    plot_loss_vs_flops(curves, base, out, title=f"{args.experiment}: best {len(curves)} trials")
+    title = f"{args.experiment}: best {len(curves)} trials against the scratch frontier"
+    plot_loss_vs_flops(curves, base, out, title=title, frontier=frontier)
     print(f"plot: {out}", file=sys.stderr)
     return 0
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -21,13 +21,20 @@ from apollo_ray.acceleration import Curve, plot_loss_vs_flops
 from apollo_ray.checkpoints import CHECKPOINT_FILE, checkpoint_name
 from apollo_ray.config import RunConfig
 from apollo_ray.export import export_checkpoint
+from apollo_ray.frontier import Frontier
 from apollo_ray.plots import depth_histogram, optuna_plots, optuna_study
 from apollo_ray.runlog import METRICS
 from apollo_ray.storage import fetch
 from apollo_ray.study import OBJECTIVES, StudyConfig
 from apollo_ray.tracking import TRIAL, StudyRecord, find_run
 
-__all__ = ["log_run_results", "log_study_results", "register_best"]
+if TYPE_CHECKING:
+    from apollo_ray.baseline import Scratch
+
+__all__ = ["SCORE_METRICS", "log_frontier", "log_run_results", "log_study_results", "register_best"]
+
+# A trial's scores against the frontier that become MLflow metrics (besides paper_*)
+SCORE_METRICS = ("eval_loss_se", "speedup", "saving", "wall_speedup", "wall_saving")
 
 
 def log_run_results(
@@ -35,30 +42,33 @@ def log_run_results(
     run_id: str,
     cfg: RunConfig,
     metrics: Path,
-    baseline: Path,
+    frontier: Frontier | None,
     scores: dict[str, Any] | None,
+    full: Curve | None = None,
 ) -> None:
-    """A finished run's totals and acceleration metrics, its loss-vs-FLOPs plot against the
-    baseline and (Apollo runs) its depth histogram per stage, into its MLflow run. An MLflow
-    failure here is reported, not raised: the run's scores must still reach Tune and Optuna."""
+    """A finished run's totals and (a trial's) `scores` against the frontier, its loss-vs-FLOPs
+    plot with the frontier (and `full`, the scratch run of its budget) and (Apollo runs) its
+    depth histogram per stage, into its MLflow run. An MLflow failure here is reported, not
+    raised: the run's scores must still reach Tune and Optuna."""
     curve = Curve.from_metrics(metrics, name=cfg.name)
-    base = Curve.from_metrics(baseline, name="scratch")
     totals = {
         "final_eval_loss": curve.final_loss,
         "total_flops": curve.total_flops,
         "total_wall_time": curve.total_wall,
     }
     if scores is not None:
-        totals |= {"saving": scores["saving"], "speedup": scores["speedup"]}
-        totals |= {k: v for k, v in scores.items() if k.startswith("acc_")}
+        totals |= {k: v for k, v in scores.items() if k in SCORE_METRICS or k.startswith("paper_")}
+        totals |= {f"speedup_is_{b}_bound": float(scores["bound"] == b) for b in ("lower", "upper")}
+    totals = {k: v for k, v in totals.items() if v is not None}
     now, step = int(time.time() * 1000), cfg.train.steps
     try:
         client.log_batch(
             run_id, metrics=[Metric(k, float(v), now, step) for k, v in totals.items()]
         )
         with tempfile.TemporaryDirectory() as tmp:
-            curves = [] if scores is None else [curve]
-            plot_loss_vs_flops(curves, base, Path(tmp) / "loss_vs_flops.png", title=cfg.name)
+            plot_loss_vs_flops(
+                [curve], full, Path(tmp) / "loss_vs_flops.png", title=cfg.name, frontier=frontier
+            )
             if cfg.schedule is not None:
                 depth_histogram(cfg, Path(tmp) / "depth_histogram.png")
             client.log_artifacts(run_id, tmp, "plots")
@@ -67,8 +77,40 @@ def log_run_results(
         print(f"mlflow: results of run {run_id} not logged: {e}", file=sys.stderr)
 
 
+def log_frontier(
+    group: StudyRecord, frontier: Frontier, curves: list[Curve], experiment: str
+) -> None:
+    """The baseline run's view of the frontier: each budget's final loss, FLOPs and seconds
+    (`frontier_loss_<budget>x`, ...) and the plot of the scratch curves with the frontier."""
+    client, now = group.client(), int(time.time() * 1000)
+    values = {}
+    for p in frontier.points:
+        values |= {
+            f"frontier_loss_{p.budget:g}x": p.loss,
+            f"frontier_flops_{p.budget:g}x": p.flops,
+            f"frontier_wall_{p.budget:g}x": p.wall,
+        }
+    try:
+        client.log_batch(
+            group.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()]
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            for x in ("flops", "wall"):
+                plot_loss_vs_flops(
+                    curves,
+                    None,
+                    Path(tmp) / f"frontier_{x}.png",
+                    title=f"{experiment}: the scratch frontier",
+                    x=x,
+                    frontier=frontier,
+                )
+            client.log_artifacts(group.parent_id, tmp, "plots")
+    except Exception as e:
+        print(f"mlflow: the frontier was not logged: {e}", file=sys.stderr)
+
+
 def log_study_results(
-    record: StudyRecord, study: StudyConfig, summary: dict[str, Any], baseline: Path
+    record: StudyRecord, study: StudyConfig, summary: dict[str, Any], scratch: Scratch
 ) -> None:
     """The parent run's view of the search: the best trial's metrics (`best_*`, tag
     `apollo.best_trial`), the summary table, best.yaml, Optuna's plots, the best trials' loss
@@ -83,10 +125,14 @@ def log_study_results(
         b = best[0]
         client.set_tag(parent, "apollo.best_trial", b["trial"])
         now = int(time.time() * 1000)
-        values = {k: b[k] for k in ("eval_loss", "saving", "speedup", "flops") if b[k] is not None}
-        client.log_batch(
-            parent, metrics=[Metric(f"best_{k}", v, now, 0) for k, v in values.items()]
-        )
+        keys = ("eval_loss", "saving", "speedup", "flops")
+        values = {f"best_{k}": b[k] for k in keys if b[k] is not None}
+        confirmed = (summary.get("confirmed") or [{}])[0]
+        if confirmed.get("trial") == b["trial"] and "speedup" in confirmed:
+            ci = confirmed["speedup"]
+            values |= {"confirmed_speedup": ci["mean"], "confirmed_seeds": ci["n"]}
+            values |= {f"confirmed_speedup_{k}": ci[k] for k in ("low", "high") if ci[k]}
+        client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in values.items()])
     with tempfile.TemporaryDirectory() as tmp:
         if done:
             metric, mode = OBJECTIVES[study.search.objective]
@@ -94,16 +140,16 @@ def log_study_results(
             directions = ["minimize" if m == "min" else "maximize" for m in modes]
             ot = optuna_study(done, study.search.space, directions, metrics)
             optuna_plots(ot, Path(tmp) / "optuna")
-            top = sorted(done, key=lambda r: r["speedup"], reverse=True)[:3]
-            curves = [
+            curves = [  # the summary lists finished trials best first
                 Curve.from_metrics(out / "trials" / r["trial"] / METRICS, name=r["trial"])
-                for r in top
+                for r in done[:3]
             ]
             plot_loss_vs_flops(
                 curves,
-                Curve.from_metrics(baseline, name="scratch"),
+                Curve.from_metrics(scratch.full, name="scratch 1x"),
                 Path(tmp) / "best_trials_loss_vs_flops.png",
-                title=f"{study.experiment}: best trials by speedup",
+                title=f"{study.experiment}: the best trials against the scratch frontier",
+                frontier=scratch.frontier(),
             )
         client.log_artifacts(parent, tmp, "plots")
     if best:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS", "RESUMES", "MetricsLog", "record_resume"]
+__all__ = ["METRICS", "RESUMES", "MetricsLog", "last_eval", "record_resume"]
 
 METRICS = "metrics.jsonl"
 RESUMES = "resumes.jsonl"
@@ -50,3 +50,9 @@ def record_resume(run_dir: Path, step: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / RESUMES).open("a") as f:
         f.write(json.dumps({"step": step, "time": time.time()}) + "\n")
+
+
+def last_eval(metrics: Path) -> dict[str, Any]:
+    """The last row of a metrics.jsonl that has an `eval_loss` (a finished run's final one)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return next(r for r in reversed(rows) if "eval_loss" in r)

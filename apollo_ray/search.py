@@ -26,15 +26,36 @@ from ray.tune.search.optuna import OptunaSearch
 
 from apollo_ray import distributed
 from apollo_ray.acceleration import Curve, compare
+from apollo_ray.baseline import Scratch
 from apollo_ray.results import log_run_results
-from apollo_ray.runlog import METRICS
+from apollo_ray.runlog import METRICS, last_eval
 from apollo_ray.space import materialize, suggest
 from apollo_ray.study import OBJECTIVES, StudyConfig
-from apollo_ray.tracking import StudyRecord, tracked_run, trial_runs_callback
+from apollo_ray.tracking import CONFIRM_OF, StudyRecord, tracked_run, trial_runs_callback
 
-__all__ = ["DRIVER_CPU", "run_search", "score", "trial_driver"]
+__all__ = [
+    "DRIVER_CPU",
+    "PAPER_FIELDS",
+    "confirm_driver",
+    "confirm_runs",
+    "run_confirm",
+    "run_search",
+    "score",
+    "trial_driver",
+]
 
 DRIVER_CPU = 0.1  # a trial driver only waits on its TorchTrainer, whose workers hold the CPUs
+# the paper's metric (`acceleration.compare` against the scratch run of the trials' budget)
+PAPER_FIELDS = (
+    "reached",
+    "target_loss",
+    "flops_to_target",
+    "flops_saving",
+    "acceleration",
+    "wall_saving",
+    "wall_acceleration",
+    "final_loss_gap",
+)
 
 
 class FinalResultOptunaSearch(OptunaSearch):
@@ -47,22 +68,16 @@ class FinalResultOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def run_search(study: StudyConfig, baseline: Path, record: StudyRecord | None = None):
+def run_search(study: StudyConfig, scratch: Scratch, record: StudyRecord | None = None):
     """Tier 1: the Tuner over Optuna's suggestions; returns Tune's `ResultGrid`. A study whose
     search state exists is resumed (the command line has checked that it may be)."""
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # objective arrives in the last report
-    search = study.storage(study.experiment, "tune", "search")
-    trainable = tune.with_resources(
+    trainable = _on_the_head(
         tune.with_parameters(
-            trial_driver,
-            study=study.model_dump(mode="json"),
-            baseline=str(baseline),
-            record=record,
-        ),
-        # on the head node: a trial's Train controller runs beside its driver, and a GPU node
-        # that goes away (spot reclaim, failure) must take only workers with it
-        {"CPU": DRIVER_CPU, distributed.HEAD_NODE: 0.001},
+            trial_driver, study=study.model_dump(mode="json"), scratch=scratch, record=record
+        )
     )
+    search = study.storage(study.experiment, "tune", "search")
     if tune.Tuner.can_restore(search):
         return tune.Tuner.restore(
             search, trainable, resume_unfinished=True, resume_errored=False
@@ -78,18 +93,61 @@ def run_search(study: StudyConfig, baseline: Path, record: StudyRecord | None = 
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=_scheduler(study, baseline),
+            scheduler=_scheduler(study, scratch),
             num_samples=study.search.trials,
             max_concurrent_trials=study.search.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(
-            name="search",
-            storage_path=study.storage(study.experiment, "tune"),
-            failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[trial_runs_callback(study, record)] if record else [],
-        ),
+        run_config=_run_config(study, "search", record),
     )
     return tuner.fit()
+
+
+def run_confirm(
+    study: StudyConfig, scratch: Scratch, runs: list[dict[str, Any]], record: StudyRecord | None
+):
+    """The confirmation runs (`search.confirm`, listed by `confirm_runs`) as Tune trials of
+    their own; returns Tune's `ResultGrid`, each result's config naming its run by index."""
+    trainable = _on_the_head(
+        tune.with_parameters(
+            confirm_driver,
+            runs=runs,
+            study=study.model_dump(mode="json"),
+            scratch=scratch,
+            record=record,
+        )
+    )
+    path = study.storage(study.experiment, "tune", "confirm")
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True).fit()
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"run": tune.grid_search(list(range(len(runs))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=study.search.max_concurrent_trials),
+        run_config=_run_config(study, "confirm", record),
+    )
+    return tuner.fit()
+
+
+def confirm_runs(study: StudyConfig, best: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the confirmation runs: {trial, params, seed} for each best trial and fresh seed."""
+    assert study.search.confirm is not None
+    seeds = range(study.base.seed + 1, study.base.seed + 1 + study.search.confirm.seeds)
+    return [{"trial": r["trial"], "params": r["params"], "seed": s} for r in best for s in seeds]
+
+
+def _on_the_head(trainable):
+    # on the head node: a trial's Train controller runs beside its driver, and a GPU node that
+    # goes away (spot reclaim, failure) must take only workers with it
+    return tune.with_resources(trainable, {"CPU": DRIVER_CPU, distributed.HEAD_NODE: 0.001})
+
+
+def _run_config(study: StudyConfig, name: str, record: StudyRecord | None) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name,
+        storage_path=study.storage(study.experiment, "tune"),
+        failure_config=tune.FailureConfig(max_failures=0),
+        callbacks=[trial_runs_callback(study, record)] if record else [],
+    )
 
 
 def _sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -102,12 +160,13 @@ def _sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
     return kinds[s.kind](seed=s.seed)
 
 
-def _scheduler(study: StudyConfig, baseline: Path) -> ASHAScheduler | None:
-    """ASHA on cumulative FLOPs, its grace period a fraction of the baseline's total."""
+def _scheduler(study: StudyConfig, scratch: Scratch) -> ASHAScheduler | None:
+    """ASHA on cumulative FLOPs, its grace period a fraction of the FLOPs of scratch at the
+    trials' budget."""
     sch = study.search.scheduler
     if sch is None:
         return None
-    total = Curve.from_metrics(baseline).total_flops
+    total = Curve.from_metrics(scratch.full).total_flops
     return ASHAScheduler(
         time_attr="flops",
         metric="eval_loss",
@@ -121,18 +180,46 @@ def _scheduler(study: StudyConfig, baseline: Path) -> ASHAScheduler | None:
 def trial_driver(
     config: dict[str, Any],
     study: dict[str, Any],
-    baseline: str,
+    scratch: Scratch,
     record: StudyRecord | None = None,
 ) -> None:
     """Tier 2, one per Tune trial: train the trial's schedule with Ray Train, then score it."""
     spec = StudyConfig.model_validate(study)  # the study's one validation in this process
+    _train_and_score(spec, config, config, "trial", scratch, record)
+
+
+def confirm_driver(
+    config: dict[str, Any],
+    runs: list[dict[str, Any]],
+    study: dict[str, Any],
+    scratch: Scratch,
+    record: StudyRecord | None = None,
+) -> None:
+    """Tier 2 of a confirmation run: a best trial's schedule with a fresh seed."""
+    spec = StudyConfig.model_validate(study)
+    run = runs[config["run"]]
+    params = {**run["params"], "seed": run["seed"]}
+    _train_and_score(spec, params, params, "confirm", scratch, record, {CONFIRM_OF: run["trial"]})
+
+
+def _train_and_score(
+    study: StudyConfig,
+    params: dict[str, Any],
+    searched: dict[str, Any],
+    kind: str,
+    scratch: Scratch,
+    record: StudyRecord | None,
+    tags: dict[str, str] | None = None,
+) -> None:
     trial_id = tune.get_context().get_trial_id()
-    out_dir = Path(spec.study_dir) / "trials" / trial_id  # named from the trial id: retries resume
-    cfg = materialize(spec.base, config, name=f"{spec.experiment}-{trial_id}", out_dir=str(out_dir))
-    with tracked_run(spec, record, cfg, "trial", config, trial_id) as target:
+    out_dir = Path(study.study_dir) / "trials" / trial_id  # named from the trial id: retries resume
+    cfg = materialize(
+        study.base, params, name=f"{study.experiment}-{trial_id}", out_dir=str(out_dir)
+    )
+    with tracked_run(study, record, cfg, kind, searched, trial_id, tags) as target:
         trainer = distributed.build_trainer(
             cfg,
-            storage_path=spec.storage(spec.experiment, "trials"),
+            storage_path=study.storage(study.experiment, "trials"),
             callbacks=[TuneReportCallback()],
             progress=False,
             tracking=target,
@@ -140,28 +227,35 @@ def trial_driver(
         trainer.fit()
         distributed.check_finished(cfg)
         metrics = cfg.output_dir / METRICS
-        scores = score(metrics, Path(baseline))
+        scores = score(metrics, scratch)
         if target is not None:
-            log_run_results(record.client(), target.run_id, cfg, metrics, Path(baseline), scores)
+            full = Curve.from_metrics(scratch.full, name="scratch 1x")
+            client = record.client()
+            log_run_results(client, target.run_id, cfg, metrics, scratch.frontier(), scores, full)
         tune.report(scores)
 
 
-def score(run_metrics: Path, baseline_metrics: Path) -> dict[str, Any]:
-    """A finished trial's final metrics against the baseline.
+def score(run_metrics: Path, scratch: Scratch) -> dict[str, Any]:
+    """A finished trial read against the scratch frontier (`apollo_ray.frontier`).
 
-    `saving` is the FLOPs saving when the trial reaches the baseline's final loss; otherwise the
-    compute-equivalent saving 1 - 1/speedup (negative: the trial needed more compute for its
-    loss than the baseline did), so every trial has one comparable number to maximise."""
+    `speedup` = the FLOPs scratch needs for the trial's final loss / the trial's FLOPs,
+    `saving` = 1 - 1/speedup, the same in seconds (`wall_*`); `bound` says whether they are
+    exact (None) or bounds ("lower": the trial ends below the largest scratch run's loss,
+    "upper": above the smallest's). `paper_*` is the Apollo paper's metric against the scratch
+    run of the trial's own budget: where the trial first reaches its final loss."""
     curve = Curve.from_metrics(run_metrics, name="trial")
-    acc = compare(curve, Curve.from_metrics(baseline_metrics, name="baseline"))
-    saving = acc.flops_saving
-    if saving is None:
-        saving = 1 - 1 / acc.speedup if acc.speedup > 0 else -1.0
+    reading = scratch.frontier().read(curve.final_loss, curve.total_flops, curve.total_wall)
+    paper = compare(curve, Curve.from_metrics(scratch.full, name="scratch"))
+    last = last_eval(run_metrics)
     return {
-        "eval_loss": acc.method_final_loss,
-        "flops": acc.method_flops,
-        "saving": saving,
-        "speedup": acc.speedup,
-        "reached": acc.reached,
-        **acc.to_metrics("acc_"),
+        "eval_loss": curve.final_loss,
+        "eval_loss_se": last.get("eval_loss_se"),
+        "flops": curve.total_flops,
+        "wall": curve.total_wall,
+        "speedup": reading.speedup,
+        "saving": reading.saving,
+        "wall_speedup": reading.wall_speedup,
+        "wall_saving": reading.wall_saving,
+        "bound": reading.bound,
+        **{f"paper_{k}": getattr(paper, k) for k in PAPER_FIELDS},
     }

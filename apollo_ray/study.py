@@ -26,6 +26,7 @@ from apollo_ray.storage import absolute, is_uri, join_uri
 __all__ = [
     "BASELINES",
     "OBJECTIVES",
+    "ConfirmConfig",
     "PrepareConfig",
     "SamplerConfig",
     "SchedulerConfig",
@@ -87,6 +88,16 @@ class SchedulerConfig(Strict):
     )
 
 
+class ConfirmConfig(Strict):
+    """Re-run the best trials with fresh seeds once the search is over, and rank them on the
+    mean over those seeds (a trial that won once by luck does not stay on top)."""
+
+    top_k: int = Field(3, ge=1, description="how many of the best trials to re-run")
+    seeds: int = Field(
+        3, ge=2, description="fresh seeds per trial: base.seed + 1, ..., base.seed + seeds"
+    )
+
+
 class SearchConfig(Strict):
     """What to search and how: the trials, the Optuna sampler, the objective and the space."""
 
@@ -95,8 +106,9 @@ class SearchConfig(Strict):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Optuna sampler")
     objective: Literal["eval_loss", "flops_saving", "speedup", "pareto"] = Field(
         "flops_saving",
-        description="eval_loss (min); flops_saving (max); speedup (max, defined even when a "
-        "trial never reaches the baseline's loss); pareto: min eval_loss and min total FLOPs",
+        description="read against the scratch frontier: speedup = the FLOPs scratch needs for "
+        "the trial's final loss / the trial's FLOPs (max); flops_saving = 1 - 1/speedup (max, "
+        "the same ranking); eval_loss (min); pareto: min eval_loss and min total FLOPs",
     )
     scheduler: SchedulerConfig | None = Field(
         None, description="early stopping (ASHA); null runs every trial to the end"
@@ -104,6 +116,11 @@ class SearchConfig(Strict):
     space: dict[str, Param] = Field(
         default_factory=dict,
         description="dotted RunConfig paths (train.lr, schedule.alpha, ...) -> distributions",
+    )
+    confirm: ConfirmConfig | None = Field(
+        None,
+        description="re-run the top_k trials with fresh seeds and rank them on the means; "
+        "best.yaml, the summary and the registered model follow that ranking",
     )
 
 
@@ -149,6 +166,13 @@ class StudyConfig(Strict):
         description="the run every trial starts from: model, data, train, resources, seed, "
         "schedule (the defaults of the searched values)"
     )
+    frontier: list[float] = Field(
+        [0.25, 0.5, 1.0, 2.0],
+        min_length=2,
+        description="the scratch frontier every trial is read against: budgets of from-scratch "
+        "runs, as multiples of base.train.steps, each with its own warmup and decay; 1.0 (the "
+        "trials' own budget) must be one of them",
+    )
     search: SearchConfig = Field(description="trials, sampler, objective, scheduler, space")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")
 
@@ -158,6 +182,15 @@ class StudyConfig(Strict):
         if name in {".", "..", BASELINES}:
             raise ValueError(f"{name!r} is reserved; choose another name")
         return name
+
+    @field_validator("frontier")
+    @classmethod
+    def _budgets(cls, budgets: list[float]) -> list[float]:
+        if any(b <= 0 for b in budgets) or len(set(budgets)) != len(budgets):
+            raise ValueError(f"budgets must be distinct and positive, got {budgets}")
+        if 1.0 not in budgets:
+            raise ValueError(f"must include 1.0 (the trials' own budget), got {budgets}")
+        return sorted(budgets)
 
     @field_validator("output_dir")
     @classmethod
@@ -197,6 +230,10 @@ class StudyConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
         problems = check_space(self.search.space, self.base) + _check_objective(self.search)
+        smallest = round(self.frontier[0] * self.base.train.steps)
+        if smallest < 2:
+            message = f"the smallest budget gives {smallest} steps of base.train.steps; raise it"
+            problems.append(Problem(("frontier",), message, self.frontier))
         if problems:
             raise ValidationError.from_exception_data(type(self).__name__, line_errors(problems))
         return self
@@ -237,6 +274,9 @@ def _check_objective(search: SearchConfig) -> list[Problem]:
             "truncated FLOPs would enter the Pareto front); set scheduler: null"
         )
         problems.append(Problem(("search", "scheduler"), message, search.scheduler.kind))
+    if search.objective == "pareto" and search.confirm is not None:
+        message = "confirm ranks trials by one figure; objective pareto has two: set confirm: null"
+        problems.append(Problem(("search", "confirm"), message, "pareto"))
     if search.objective == "pareto" and search.sampler.kind == "cmaes":
         message = "cmaes is single-objective; objective pareto needs tpe or random"
         problems.append(Problem(("search", "sampler", "kind"), message, "cmaes"))

@@ -22,7 +22,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from apollo_ray.mirror import RunMirror, Target, quick_failure, sync
 from apollo_ray.study import StudyConfig
 
 __all__ = [
+    "CONFIRM_OF",
     "KIND",
     "STUDY",
     "TRIAL",
@@ -43,6 +44,7 @@ __all__ = [
     "close_leftovers",
     "end_status",
     "find_run",
+    "group_run",
     "log_params",
     "start_run",
     "study_run",
@@ -50,7 +52,9 @@ __all__ = [
     "trial_runs_callback",
 ]
 
-KIND, TRIAL, STUDY = "apollo.kind", "apollo.trial_id", "apollo.study"  # tags: study|trial|baseline
+# tags: kind is study, baseline, frontier, trial or confirm
+KIND, TRIAL, STUDY = "apollo.kind", "apollo.trial_id", "apollo.study"
+CONFIRM_OF = "apollo.confirm_of"  # tag of a confirmation run: the trial it re-runs
 END = "apollo.end"  # tag: why a run ended the way it did
 SESSION = "mlflow-session.json"  # in the study folder: where the study logs now
 
@@ -149,6 +153,7 @@ def tracked_run(
     kind: str,
     searched: dict[str, Any],
     trial_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> Iterator[Target | None]:
     """The MLflow child run of a trial or the baseline, RUNNING while the block runs and then
     FINISHED, FAILED (with the reason as tag `apollo.end`) or KILLED, whatever happens; rows
@@ -161,6 +166,8 @@ def tracked_run(
     if trial_id is not None:
         tags[TRIAL] = trial_id
     run_id = start_run(client, record.experiment_id, cfg.name, tags, record.parent_id)
+    for key, value in (extra_tags or {}).items():
+        client.set_tag(run_id, key, value)
     log_params(client, run_id, flatten(cfg), searched)
     target = Target(record.uri, run_id, study.tracking.checkpoints)
     error: BaseException | None = None
@@ -173,11 +180,41 @@ def tracked_run(
         try:
             mirror = RunMirror(target, cfg.output_dir, cfg.train.steps, patient=True)
             mirror.flush()  # whatever rank 0 could not send (e.g. from a node without access)
-            if error is not None:
-                client.set_tag(run_id, END, reason(error))
-            client.set_terminated(run_id, end_status(error))
-        except Exception as e:  # MLflow gone: the study's end closes it (close_leftovers)
-            print(f"mlflow: could not end run {run_id}: {e}", file=sys.stderr)
+        except Exception as e:
+            print(f"mlflow: run {run_id} not synced: {e}", file=sys.stderr)
+        _end(client, run_id, error)
+
+
+@contextmanager
+def group_run(
+    record: StudyRecord | None, name: str, tags: dict[str, str], params: dict[str, Any]
+) -> Iterator[StudyRecord | None]:
+    """A child run of the study that holds runs of its own (the baseline, whose children are
+    the frontier's scratch runs): yields the record they nest under, and ends it like a trial's
+    run, whatever happens."""
+    if record is None:
+        yield None
+        return
+    client = record.client()
+    run_id = start_run(client, record.experiment_id, name, tags, record.parent_id)
+    log_params(client, run_id, params, {})
+    error: BaseException | None = None
+    try:
+        yield replace(record, parent_id=run_id)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        _end(client, run_id, error)
+
+
+def _end(client: MlflowClient, run_id: str, error: BaseException | None) -> None:
+    try:
+        if error is not None:
+            client.set_tag(run_id, END, reason(error))
+        client.set_terminated(run_id, end_status(error))
+    except Exception as e:  # MLflow gone: the study's end closes it (close_leftovers)
+        print(f"mlflow: could not end run {run_id}: {e}", file=sys.stderr)
 
 
 @contextmanager

@@ -6,7 +6,7 @@
 
 In order: the study file is validated, the data prepared if the study asks for it, the MLflow
 server checked (or a local one started), Ray joined and its resources checked; then the scratch
-baseline is trained once (or reused from `<output_dir>/baselines/`), the trials run
+frontier is trained once (or reused from `<output_dir>/baselines/`), the trials run
 (`apollo_ray.search`), and the end is summarised: a table, `best.yaml` (a ready-to-use run
 config) and `summary.json` in `<output_dir>/<experiment>/`, and the study's MLflow run.
 """
@@ -82,10 +82,10 @@ def run_study(study: StudyConfig, yaml_path: str, address: str | None, resume: b
     """Everything after the cheap checks: tracking, Ray, the baseline, the search, the end."""
     import ray
 
-    from apollo_ray.baseline import ensure_baseline
+    from apollo_ray.baseline import ensure_frontier
     from apollo_ray.results import log_study_results
-    from apollo_ray.search import run_search
-    from apollo_ray.summary import summarize
+    from apollo_ray.search import confirm_runs, run_confirm, run_search
+    from apollo_ray.summary import confirmation, summarize, trial_rows
     from apollo_ray.tracking import study_run
 
     with tracking_uri(study.tracking.mlflow_uri, study.output_dir) as uri:
@@ -94,9 +94,16 @@ def run_study(study: StudyConfig, yaml_path: str, address: str | None, resume: b
             ray.init(address=address or os.environ.get("RAY_ADDRESS"))
         check_resources(study)
         with study_run(study, yaml_path, uri, resume) as record:
-            baseline = ensure_baseline(study, record)
-            summary = summarize(study, run_search(study, baseline, record))
-            log_study_results(record, study, summary, baseline)
+            scratch = ensure_frontier(study, record)
+            rows = trial_rows(study, run_search(study, scratch, record))
+            confirmed = None
+            done = [r for r in rows if r["status"] == "ok"]
+            if study.search.confirm is not None and done:
+                runs = confirm_runs(study, done[: study.search.confirm.top_k])
+                grid = run_confirm(study, scratch, runs, record)
+                confirmed = confirmation(study, runs, grid)
+            summary = summarize(study, rows, scratch, confirmed)
+            log_study_results(record, study, summary, scratch)
 
 
 def main(argv: list[str] | None = None) -> int:

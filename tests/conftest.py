@@ -210,12 +210,16 @@ def space_of(data: dict[str, Any]) -> dict[str, Any]:
     return data["search"]["space"]
 
 
-def tiny_study(tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0e9)) -> Path:
+def tiny_study(
+    tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0e9), confirm=None
+) -> Path:
     """A study YAML in `tmp_path`: a 4-layer GPT, 12 steps, 3 stages, random search over alpha
-    and the LR (an LR of 1e9 makes the loss NaN at step 1)."""
+    and the LR (an LR of 1e9 makes the loss NaN at step 1); a frontier of two scratch runs
+    (6 and 12 steps), the fewest there can be; `confirm` as search.confirm."""
     study = {
         "experiment": experiment,
         "output_dir": str(tmp_path / "outputs"),
+        "frontier": [0.5, 1.0],
         "base": tiny_run_dict(gpt_data, resources={"workers": 1, "cpus_per_worker": 1}),
         "search": {
             "trials": trials,
@@ -223,6 +227,7 @@ def tiny_study(tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0
             "sampler": {"kind": "random", "seed": 0},
             "objective": "speedup",
             "space": {"schedule.alpha": {"float": [0.0, 1.0]}, "train.lr": {"choice": list(lrs)}},
+            "confirm": confirm,
         },
     }
     path = tmp_path / f"{experiment}.yaml"
@@ -232,13 +237,15 @@ def tiny_study(tmp_path, gpt_data, experiment="tiny", trials=3, lrs=(3.0e-3, 1.0
 
 @pytest.fixture(scope="session")
 def tiny_search(ray_cluster, tmp_path_factory, gpt_data) -> Path:
-    """One real small search (3 trials, 2 of them diverging), run once for every test that
-    inspects a finished study: its files, its MLflow records, the report and the UI. Returns the
-    study's output_dir (which holds the MLflow store)."""
+    """One real small search (3 trials, 2 of them diverging; the finished one confirmed with 2
+    fresh seeds), run once for every test that inspects a finished study: its files, its
+    MLflow records, the report and the UI. Returns the study's output_dir (which holds the
+    MLflow store)."""
     from apollo_ray.tune import main
 
     root = tmp_path_factory.mktemp("search")
-    assert main([str(tiny_study(root, gpt_data))]) == 0
+    path = tiny_study(root, gpt_data, confirm={"top_k": 2, "seeds": 2})
+    assert main([str(path)]) == 0
     return root / "outputs"
 
 

@@ -1,5 +1,5 @@
-"""The scratch baseline: its config, its key over the config and the prepared data, and a cached
-baseline reused without training."""
+"""The scratch frontier: its runs' configs, their key over the config and the prepared data, and
+cached runs reused without training."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 
 from conftest import EXAMPLE_STUDY, tiny_study, write_metrics
 
-from apollo_ray.baseline import baseline_config, baseline_key, ensure_baseline
+from apollo_ray.baseline import baseline_key, ensure_frontier, frontier_configs
 from apollo_ray.config import RunConfig
 from apollo_ray.fields import flatten
 from apollo_ray.study import StudyConfig, load_study
@@ -21,14 +21,24 @@ def good_study(data_path) -> StudyConfig:
     return StudyConfig.model_validate(data)
 
 
-def test_baseline_config_and_key(bert_data, gpt_data, tmp_path):
+def test_frontier_configs(bert_data):
+    study = good_study(bert_data)
+    configs = frontier_configs(study)
+    assert list(configs) == [0.25, 0.5, 1.0, 2.0]
+    steps = study.base.train.steps
+    for budget, cfg in configs.items():
+        assert cfg.schedule is None and flatten(cfg)["schedule"] is None
+        assert cfg.name == f"scratch-{budget:g}x" and cfg.train.steps == round(budget * steps)
+        assert cfg.train.warmup == study.base.train.warmup  # its own warmup and full decay
+        assert cfg.out_dir == f"{study.output_dir}/baselines/{baseline_key(cfg)}"
+    assert len({cfg.out_dir for cfg in configs.values()}) == 4
+
+
+def test_baseline_key(bert_data, gpt_data, tmp_path):
     study = good_study(bert_data)
     base = study.base
-    baseline = baseline_config(study)
+    baseline = frontier_configs(study)[1.0]
     key = baseline_key(base)
-    assert baseline.schedule is None and baseline.name == "baseline"
-    assert flatten(baseline)["schedule"] is None
-    assert baseline.out_dir == f"{study.output_dir}/baselines/{key}"
     assert baseline_key(baseline) == key
     config_part, data_part = key.split("-")
     assert len(config_part) == 12 and len(data_part) == 8
@@ -61,10 +71,15 @@ def test_baseline_config_and_key(bert_data, gpt_data, tmp_path):
     assert other.split("-")[1] != data_part
 
 
-def test_cached_baseline_is_reused_without_training(tmp_path, gpt_data):
+def test_cached_frontier_is_reused_without_training(tmp_path, gpt_data):
     study = load_study(tiny_study(tmp_path, gpt_data))
-    run_dir = baseline_config(study).output_dir
-    assert run_dir.parent == tmp_path / "outputs" / "baselines"
-    write_metrics(run_dir / "metrics.jsonl", [(0, 9.0), (100, 8.0)])
-    (run_dir / "done.json").write_text("{}")
-    assert ensure_baseline(study) == run_dir / "metrics.jsonl"  # no Ray was needed
+    for budget, cfg in frontier_configs(study).items():
+        run_dir = cfg.output_dir
+        assert run_dir.parent == tmp_path / "outputs" / "baselines"
+        write_metrics(run_dir / "metrics.jsonl", [(0, 9.0), (100 * budget, 8.0 - budget)])
+        (run_dir / "done.json").write_text("{}")
+    scratch = ensure_frontier(study)  # no Ray was needed
+    assert scratch.full == frontier_configs(study)[1.0].output_dir / "metrics.jsonl"
+    frontier = scratch.frontier()
+    assert [p.budget for p in frontier.points] == study.frontier
+    assert [p.loss for p in frontier.points] == [8.0 - b for b in study.frontier]

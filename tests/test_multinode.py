@@ -91,7 +91,8 @@ def test_search_across_two_nodes_survives_losing_one(tmp_path, gpt_data, s3):
     client = MlflowClient(local_store(tmp_path / "outputs")[0])
     exp = client.get_experiment_by_name("multinode")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags[KIND] for r in runs) == ["baseline", "study", "trial"]
+    kinds = sorted(r.data.tags[KIND] for r in runs)
+    assert kinds == ["baseline", "frontier", "frontier", "study", "trial"]
     assert {r.info.status for r in runs} == {"FINISHED"}
     trial = next(r for r in runs if r.data.tags[KIND] == "trial")
     logged = {m.step for m in client.get_metric_history(trial.info.run_id, "train_loss")}

@@ -186,6 +186,10 @@ BAD = [
     (lambda d: d.update(experiment="a/b"), ["experiment:", "[A-Za-z0-9_.-]", "'a/b'"]),
     (lambda d: d.update(experiment="baselines"), ["experiment:", "reserved"]),
     (lambda d: d["base"].update(name="x"), ["base:", "set by the study", "'x'"]),
+    (lambda d: d.update(frontier=[0.5, 2.0]), ["frontier:", "must include 1.0", "[0.5, 2.0]"]),
+    (lambda d: d.update(frontier=[1.0]), ["frontier:", "at least 2 items"]),
+    (lambda d: d.update(frontier=[0.0, 1.0]), ["frontier:", "distinct and positive"]),
+    (lambda d: d.update(frontier=[0.001, 1.0]), ["frontier:", "gives 0 steps"]),
 ]
 
 

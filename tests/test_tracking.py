@@ -65,11 +65,23 @@ def test_search_is_recorded_in_mlflow(tiny_search):
     client, _, runs = search_runs(tiny_search)
     assert all(r.info.status != "RUNNING" for r in runs)
     (study,) = [r for r in runs if r.data.tags[KIND] == "study"]
-    children = [r for r in runs if r is not study]
+    parent = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in runs}
+    children = [r for r in runs if parent[r.info.run_id] == study.info.run_id]
     assert study.info.status == "FINISHED"
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {study.info.run_id}
     kinds = sorted(r.data.tags[KIND] for r in children)
-    assert kinds == ["baseline", "trial", "trial", "trial"]
+    assert kinds == ["baseline", "confirm", "confirm", "trial", "trial", "trial"]
+    # the frontier's scratch runs are the baseline run's children, with their final losses
+    (baseline,) = [r for r in children if r.data.tags[KIND] == "baseline"]
+    scratch = [r for r in runs if parent[r.info.run_id] == baseline.info.run_id]
+    assert sorted(r.data.params["searched.budget"] for r in scratch) == ["0.5", "1.0"]
+    assert {r.info.status for r in [baseline, *scratch]} == {"FINISHED"}
+    for run in scratch:
+        budget = float(run.data.params["searched.budget"])
+        loss = baseline.data.metrics[f"frontier_loss_{budget:g}x"]
+        assert run.data.metrics["final_eval_loss"] == pytest.approx(loss)
+        assert {"eval_loss_se", "eval_tokens"} <= set(run.data.metrics)
+    plots = {a.path for a in client.list_artifacts(baseline.info.run_id, "plots")}
+    assert plots == {"plots/frontier_flops.png", "plots/frontier_wall.png"}
     summary = json.loads((tiny_search / "tiny" / "summary.json").read_text())
 
     for trial in summary["trials"]:
@@ -85,7 +97,8 @@ def test_search_is_recorded_in_mlflow(tiny_search):
         assert m["speedup"] == pytest.approx(trial["speedup"])
         assert m["final_eval_loss"] == pytest.approx(trial["eval_loss"])
         assert m["total_flops"] == trial["flops"]
-        assert {"saving", "acc_speedup", "total_wall_time", "train_loss", "tokens_per_s"} <= set(m)
+        expected_keys = {"saving", "wall_speedup", "eval_loss_se", "paper_reached", "train_loss"}
+        assert expected_keys | {"speedup_is_lower_bound", "total_wall_time"} <= set(m)
         rows = metrics_rows(tiny_search / "tiny" / "trials" / trial["trial"])
         assert history(client, run.info.run_id, "eval_loss") == expected(rows, "eval_loss")
         files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -95,6 +108,12 @@ def test_search_is_recorded_in_mlflow(tiny_search):
 
     best = summary["best"][0]
     assert study.data.tags["apollo.best_trial"] == best["trial"]
+    confirms = [r for r in children if r.data.tags[KIND] == "confirm"]
+    assert {r.data.tags["apollo.confirm_of"] for r in confirms} == {best["trial"]}
+    assert sorted(r.data.params["seed"] for r in confirms) == ["1", "2"]
+    ci = summary["confirmed"][0]["speedup"]
+    assert study.data.metrics["confirmed_speedup"] == pytest.approx(ci["mean"])
+    assert study.data.metrics["confirmed_speedup_low"] == pytest.approx(ci["low"])
     assert study.data.metrics["best_speedup"] == pytest.approx(best["speedup"])
     artifacts = {a.path for a in client.list_artifacts(study.info.run_id, "summary")}
     assert artifacts == {"summary/summary.json", "summary/summary.txt", "summary/best.yaml"}

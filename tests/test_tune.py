@@ -45,13 +45,31 @@ def test_search_scores_trials_and_records_failures(tiny_search, gpt_data, capsys
     assert best.train.lr == 3.0e-3 and best.schedule.alpha == ok["params"]["schedule.alpha"]
     assert "loss is nan" in (out / "summary.txt").read_text()  # the table shows the reason
 
-    # a second study with the same model, data and budget reuses the baseline
-    baseline = next((tiny_search / "baselines").iterdir()) / "metrics.jsonl"
-    mtime = baseline.stat().st_mtime_ns
+    # the summary reads the trials against the frontier and says whether the lead is noise
+    assert [p["budget"] for p in summary["frontier"]] == [0.5, 1.0]
+    assert summary["scratch"]["eval_loss_se"] > 0 and summary["best"][0]["eval_loss_se"] > 0
+    assert (
+        "evaluation noise" in summary["note"]
+        and summary["note"] in (out / "summary.txt").read_text()
+    )
+
+    # the finished trial was re-run with 2 fresh seeds; the best follows the confirmed ranking
+    (confirmed,) = summary["confirmed"]
+    assert confirmed["trial"] == ok["trial"] and confirmed["seeds"] == [1, 2]
+    assert confirmed["speedup"]["n"] == 2 and confirmed["speedup"]["low"] is not None
+    assert summary["best"][0]["trial"] == confirmed["trial"]
+    text = (out / "summary.txt").read_text()
+    assert "confirmed with fresh seeds" in text and f"confirmed best trial {ok['trial']}" in text
+
+    # a second study with the same model, data and budget reuses the scratch runs
+    scratch = sorted((tiny_search / "baselines").glob("*/metrics.jsonl"))
+    assert len(scratch) == 2
+    mtimes = [p.stat().st_mtime_ns for p in scratch]
     again = tiny_study(tiny_search.parent, gpt_data, "again", trials=1, lrs=(3.0e-3,))
     assert main([str(again)]) == 0
-    assert baseline.stat().st_mtime_ns == mtime
-    assert "baseline: reusing" in capsys.readouterr().err
+    assert [p.stat().st_mtime_ns for p in scratch] == mtimes
+    err = capsys.readouterr().err
+    assert "scratch 0.5x: reusing" in err and "scratch 1x: reusing" in err
 
 
 @pytest.mark.slow
@@ -105,7 +123,7 @@ def test_interrupted_search_resumes_without_redoing_trials(ray_cluster, tmp_path
     exp = client.get_experiment_by_name("resumable")
     runs = client.search_runs([exp.experiment_id])
     kinds = sorted(r.data.tags[KIND] for r in runs)
-    assert kinds == ["baseline", "study", "trial", "trial", "trial"]
+    assert kinds == ["baseline", "frontier", "frontier", "study", "trial", "trial", "trial"]
     assert {r.info.status for r in runs} == {"FINISHED"}
     trial_runs = {r.data.tags[TRIAL] for r in runs if r.data.tags[KIND] == "trial"}
     assert trial_runs == {t["trial"] for t in summary["trials"]}
