@@ -14,7 +14,7 @@ from apollo_ray.model import flops_per_microbatch
 from apollo_ray.trainer import NonFiniteLossError, Trainer, lr_at
 
 
-def make_cfg(data, out, kind="bert", **train) -> RunConfig:
+def make_cfg(data, out, kind="bert", n_layer=2, schedule=None, **train) -> RunConfig:
     """The tiny run at 2 layers from scratch, with dropout (whose RNG a resume must restore)."""
     return tiny_run(
         data,
@@ -22,9 +22,9 @@ def make_cfg(data, out, kind="bert", **train) -> RunConfig:
         kind,
         name="t",
         seed=3,
-        model={"n_layer": 2, "dropout": 0.1},
+        model={"n_layer": n_layer, "dropout": 0.1},
         train={"eval_every": 6, **train},
-        schedule=None,
+        schedule=schedule,
     )
 
 
@@ -146,16 +146,8 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(bert_data, tmp_path
 
 def apollo_cfg(data, out, kind="bert", schedule=None, **train) -> RunConfig:
     """`make_cfg` at 6 layers in 3 stages (N = 1, 3, 6): growths at steps 3 and 6."""
-    return tiny_run(
-        data,
-        out,
-        kind,
-        name="t",
-        seed=3,
-        model={"n_layer": 6, "dropout": 0.1},
-        train={"eval_every": 6, **train},
-        schedule={"depths": [1, 3, 6], **(schedule or {})},
-    )
+    stages = {"depths": [1, 3, 6], **(schedule or {})}
+    return make_cfg(data, out, kind, n_layer=6, schedule=stages, **train)
 
 
 def test_apollo_schedule_stages_depths_flops_and_growth(bert_data, tmp_path):
