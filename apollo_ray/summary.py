@@ -87,9 +87,10 @@ def confirmation(study: StudyConfig, runs: list[dict[str, Any]], grid) -> list[d
     return sorted(table, key=lambda e: -e["speedup"]["mean"] if "speedup" in e else math.inf)
 
 
-def confirmed_note(confirmed: list[dict[str, Any]]) -> str:
+def confirmed_note(confirmed: list[dict[str, Any]], scratch_se: float | None = None) -> str:
     """The confirmed best trial's speedup with its interval, and against the runner-up, paired
-    by seed, whether they differ at all."""
+    by seed, whether they differ at all; with `scratch_se`, a reminder that the frontier's own
+    evaluation noise is not in the interval."""
     done = [e for e in confirmed if e["seeds"]]
     if not done:
         return "confirmation: no re-run finished"
@@ -97,6 +98,12 @@ def confirmed_note(confirmed: list[dict[str, Any]]) -> str:
     lines = [f"confirmed best trial {best['trial']}: " + Interval(**best["speedup"]).describe()]
     if any(b == "lower" for b in best["bounds"]):
         lines.append("  (some seeds ended beyond the frontier: those speedups are lower bounds)")
+    if scratch_se is not None:
+        lines.append(
+            f"  (read against one scratch frontier, of the base seed, whose final losses carry "
+            f"their own evaluation noise, +-{1.96 * scratch_se:.3g} at 95%, not in this interval: "
+            "where the frontier falls less than that between budgets, a speedup means little)"
+        )
     if len(done) > 1:
         second = done[1]
         common = sorted(set(best["seeds"]) & set(second["seeds"]))
@@ -124,7 +131,7 @@ def summarize(
     if confirmed and confirmed[0]["seeds"]:
         (row,) = [r for r in done if r["trial"] == confirmed[0]["trial"]]
         best = [row]
-        notes.append(confirmed_note(confirmed))
+        notes.append(confirmed_note(confirmed, last_eval(scratch.full).get("eval_loss_se")))
     full = last_eval(scratch.full)
     notes.insert(0, noise_note(best[0], full) if best else "no trial finished")
     summary = {

@@ -81,6 +81,7 @@ def test_confirmation_ranks_on_the_means_over_fresh_seeds():
     note = confirmed_note(confirmed)
     assert "confirmed best trial b" in note and "paired by seed" in note
     assert "ratio to a" in note and "differs from 1" in note
+    assert "evaluation noise, +-0.0588 at 95%" in confirmed_note(confirmed, scratch_se=0.03)
     # a seed that failed is left out of the mean and said
     grid[4] = FakeResult(4, None)
     confirmed = confirmation(study, runs, grid)
