@@ -106,8 +106,10 @@ def test_head_relay_uploads_from_the_head_node(ray_cluster, tmp_path, gpt_data):
         rows = metrics_rows(cfg.output_dir)
         assert history(client, run_id, "train_loss") == expected(rows, "train_loss", "loss")
         assert len(checkpoint_names(client, run_id)) == 10
-        (actor,) = list_actors(filters=[("name", "=", f"apollo-mlflow-{run_id}")])
-        assert actor.node_id == ray_cluster.get_runtime_context().get_node_id()
+        context = ray_cluster.get_runtime_context()  # this session's cluster, not any other
+        named = [("name", "=", f"apollo-mlflow-{run_id}")]
+        (actor,) = list_actors(address=context.gcs_address, filters=named)
+        assert actor.node_id == context.get_node_id()
     with (cfg.output_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 13, "loss": 1.0}) + "\n")
     with pytest.warns(RuntimeWarning, match="training goes on"):
