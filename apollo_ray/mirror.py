@@ -157,7 +157,8 @@ class Uploader:
         with tempfile.TemporaryDirectory() as tmp, quick_failure(patient):
             file = Path(tmp) / f"{name}.pt"
             if is_uri(location):
-                fetch(location, file)
+                if not fetch(location, file):  # not (yet) in storage: try again later
+                    raise FileNotFoundError(f"checkpoint {location} is not in storage")
             else:
                 os.symlink(Path(location).resolve(), file)
             (Path(tmp) / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
