@@ -127,12 +127,12 @@ def summarize(
     more than noise."""
     done = [r for r in rows if r["status"] == "ok"]
     best = pareto_front(done) if study.search.objective == "pareto" else done[:1]
+    full = last_eval(scratch.full)
     notes = []
     if confirmed and confirmed[0]["seeds"]:
         (row,) = [r for r in done if r["trial"] == confirmed[0]["trial"]]
         best = [row]
-        notes.append(confirmed_note(confirmed, last_eval(scratch.full).get("eval_loss_se")))
-    full = last_eval(scratch.full)
+        notes.append(confirmed_note(confirmed, full.get("eval_loss_se")))
     notes.insert(0, noise_note(best[0], full) if best else "no trial finished")
     summary = {
         "experiment": study.experiment,
