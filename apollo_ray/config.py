@@ -115,6 +115,11 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32"
     )
+    compile: Literal["auto"] | bool = Field(
+        "auto",
+        description="torch.compile each layer call and the head (one shared graph for every "
+        "layer, depth and growth); auto: on a GPU, not on a CPU (benchmarks/throughput.py)",
+    )
     eval_every: int = Field(100, ge=1, description="evaluate every this many steps (and at end)")
     eval_batches: int = Field(
         8, ge=1, description="validation micro-batches per evaluation during training"

@@ -10,6 +10,10 @@ Two flavours, chosen by `ModelConfig.kind`, each matching Hugging Face's layout 
 - `bert`: bidirectional, post-LN, masked-LM head (HF `BertForMaskedLM`, no token types);
 - `gpt`: causal, pre-LN, LM head (HF `GPT2LMHeadModel`).
 
+`compile_blocks()` compiles two functions with `torch.compile`: one call of a layer, shared by
+every layer of the bank (the layer is an argument, so any plan, depth or grown bank reuses the
+same graph), and the head with its loss.
+
 `flops_per_microbatch` counts the FLOPs of one pass by arithmetic, the way
 `torch.utils.flop_counter.FlopCounterMode` counts them (checked in tests/test_flops.py).
 
@@ -141,6 +145,7 @@ class TransformerLM(nn.Module):
         self.head = MLMHead(cfg) if bert else LMHead(cfg)
         self.apply(_init_normal)
         self.layers = nn.ModuleList(self.new_layer() for _ in range(n_physical))
+        self.run_layer, self.head_loss = _run_layer, _head_loss
 
     def new_layer(self) -> nn.Module:
         """A freshly initialised physical layer (also what `random` growth adds)."""
@@ -171,11 +176,14 @@ class TransformerLM(nn.Module):
         pos = torch.arange(seq_len, device=input_ids.device)  # (T,)
         x = self.drop(self.ln_emb(self.wte(input_ids) + self.wpe(pos)))  # (B, T, C)
         for i in self.resolve_plan(plan):
-            x = self.layers[i](x)
-        logits = self.head(x, self.wte.weight)  # (B, T, V)
-        if labels is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            x = self.run_layer(self.layers[i], x)
+        return self.head_loss(self.head, x, self.wte.weight, labels)
+
+    def compile_blocks(self) -> None:
+        """Run layers and head through `torch.compile`d functions (see the module docstring):
+        a fixed handful of graphs (train and eval, per input kind) for a whole schedule."""
+        self.run_layer = torch.compile(_run_layer)
+        self.head_loss = torch.compile(_head_loss)
 
     def resolve_plan(self, plan: Sequence[int] | None) -> list[int]:
         """The plan as a list of valid physical layer indices (None: each layer once)."""
@@ -189,6 +197,19 @@ class TransformerLM(nn.Module):
         if not idx or not all(0 <= i < n for i in idx):
             raise ValueError(f"plan must be a non-empty list of layer indices in [0, {n}): {idx}")
         return idx
+
+
+def _run_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)
+
+
+def _head_loss(
+    head: nn.Module, x: torch.Tensor, wte: torch.Tensor, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = head(x, wte)  # (B, T, V)
+    if labels is None:
+        return logits, None
+    return logits, F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 def _init_normal(module: nn.Module) -> None:

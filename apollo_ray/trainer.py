@@ -49,6 +49,7 @@ __all__ = [
     "Trainer",
     "autocast_for",
     "build_optimizer",
+    "compile_wanted",
     "lr_at",
 ]
 
@@ -92,6 +93,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
+def compile_wanted(setting: str | bool, device: torch.device) -> bool:
+    """`train.compile` resolved: `auto` compiles on a GPU only (on this project's CPUs the
+    compile time outweighed the faster steps over a whole run: benchmarks/throughput.py)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 def autocast_for(precision: str, device: torch.device):
     """bf16 autocast where asked for (or `auto` on a GPU with bf16), otherwise plain fp32."""
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -133,6 +140,8 @@ class Trainer:
         ckpt = self.store.latest()
         n_physical = ckpt["n_physical"] if ckpt else self.schedule.depths[0]
         self.model = TransformerLM(self.model_cfg, n_physical).to(self.device)
+        if compile_wanted(cfg.train.compile, self.device):
+            self.model.compile_blocks()
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.state = TrainState()
         self.autocast = autocast_for(cfg.train.precision, self.device)
