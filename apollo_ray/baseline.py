@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apollo_ray import distributed
+from apollo_ray import distributed, solo
 from apollo_ray.acceleration import Curve
 from apollo_ray.checkpoints import CHECKPOINT_FILE, checkpoint_name
 from apollo_ray.config import RunConfig
@@ -139,8 +139,12 @@ def _ensure_run(
                 group.client().set_tag(target.run_id, "apollo.cached", str(run_dir))
         else:
             print(f"scratch {budget:g}x: training in {run_dir}", file=sys.stderr)
-            result = distributed.run(cfg, tracking=target, storage_path=study.storage(BASELINES))
-            (run_dir / DONE_MARKER).write_text(json.dumps(result.metrics, indent=2) + "\n")
+            storage = study.storage(BASELINES)
+            if cfg.resources.workers == 1:
+                last = solo.run(cfg, tracking=target, storage_path=storage)
+            else:
+                last = distributed.run(cfg, tracking=target, storage_path=storage).metrics
+            (run_dir / DONE_MARKER).write_text(json.dumps(last, indent=2) + "\n")
         if target is not None:
             log_run_results(group.client(), target.run_id, cfg, metrics, None, None)
     return metrics

@@ -2,8 +2,9 @@
 
 Names: `step-0000150` (periodic), `step-0000150.pre-growth` and `step-0000150.post-growth` (a
 stage boundary, before and after growing the layers). On one process a checkpoint is the file
-`<run_dir>/checkpoints/<name>.pt` (`LocalStore`); on Ray Train it is `<name>/checkpoint.pt` in
-the run's storage folder or bucket (`RayStore`). Either way it holds model, optimizer,
+`<run_dir>/checkpoints/<name>.pt` (`LocalStore`); in a study it is `<name>/checkpoint.pt` in the
+run's storage folder or bucket, written by a one-worker run itself (`StorageStore`) or reported
+to Ray Train (`RayStore`). Either way it holds model, optimizer,
 `TrainState`, per-rank RNG states and the run config, and loads with `weights_only=True`.
 """
 
@@ -14,6 +15,7 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -29,6 +31,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "LocalStore",
     "RayStore",
+    "StorageStore",
     "Store",
     "check_same_run",
     "checkpoint_name",
@@ -181,26 +184,27 @@ class LocalStore:
             old.unlink()
 
 
-class RayStore:
-    """Checkpoints reported to Ray Train (rank 0 writes the file; every rank reports).
+class StorageStore:
+    """Checkpoints as `<name>/checkpoint.pt` in a run's storage folder or bucket, written by this
+    process (a one-worker run without Ray Train, `apollo_ray.solo`); every metrics row it is
+    handed goes on to `on_report` (a Tune trial's `tune.report`). A file is written under a
+    temporary name and then moved into place, so a checkpoint that is there is whole. The
+    newest `keep` periodic checkpoints are kept, stage-boundary ones all."""
 
-    Retention is ours, not Ray's `CheckpointConfig(num_to_keep)`, which after a worker-group
-    restart tried to delete an already deleted checkpoint and failed the run: rank 0 keeps the
-    newest `keep` periodic checkpoints in the run's storage folder, and every stage-boundary
-    one, as on one process."""
-
-    def __init__(self, storage: str, keep: int, rank: int) -> None:
+    def __init__(
+        self,
+        storage: str,
+        keep: int,
+        on_report: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.fs, self.root = filesystem(storage)
-        self.uri, self.keep, self.rank = storage, keep, rank
+        self.uri, self.keep, self.on_report = storage, keep, on_report
 
     def location(self, name: str) -> str:
         return join_uri(self.uri, name, CHECKPOINT_FILE)
 
     def latest(self) -> dict[str, Any] | None:
-        """The newest checkpoint in the run's storage that loads (a file cut short is skipped).
-        Storage, not `ray.train.get_checkpoint()`: Ray registers a checkpoint only once its
-        controller processes the report, so a worker group that died right after persisting
-        one would restart from an older one."""
+        """The newest checkpoint in the run's storage that loads (a file cut short is skipped)."""
         found = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root, allow_not_found=True))
         names = [i.base_name for i in found if is_checkpoint(i.base_name)]
         for name in sorted(names, key=name_order, reverse=True):
@@ -211,6 +215,44 @@ class RayStore:
             except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
                 print(f"skipping checkpoint {path}: {e}")
         return None
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None, name: str = ""
+    ) -> None:
+        if checkpoint is not None:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            folder = f"{self.root}/{name}"
+            self.fs.create_dir(folder)
+            with self.fs.open_output_stream(f"{folder}/{CHECKPOINT_FILE}.tmp") as f:
+                f.write(buffer.getvalue())
+            self.fs.move(f"{folder}/{CHECKPOINT_FILE}.tmp", f"{folder}/{CHECKPOINT_FILE}")
+            if is_periodic(name):
+                self._prune()
+        if self.on_report is not None:
+            self.on_report(metrics)
+
+    def _prune(self) -> None:
+        found = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root))
+        periodic = sorted(i.path for i in found if is_periodic(i.base_name))
+        for path in periodic[: -self.keep]:
+            self.fs.delete_dir(path)
+
+
+class RayStore(StorageStore):
+    """Checkpoints reported to Ray Train (rank 0 writes the file; every rank reports), in the
+    same layout as `StorageStore`.
+
+    Retention is ours, not Ray's `CheckpointConfig(num_to_keep)`, which after a worker-group
+    restart tried to delete an already deleted checkpoint and failed the run: rank 0 keeps the
+    newest `keep` periodic checkpoints in the run's storage folder, and every stage-boundary
+    one, as on one process. `latest` reads the storage, not `ray.train.get_checkpoint()`: Ray
+    registers a checkpoint only once its controller processes the report, so a worker group that
+    died right after persisting one would restart from an older one."""
+
+    def __init__(self, storage: str, keep: int, rank: int) -> None:
+        super().__init__(storage, keep)
+        self.rank = rank
 
     def report(
         self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None, name: str = ""
@@ -228,9 +270,3 @@ class RayStore:
             ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=name)
         if self.rank == 0 and is_periodic(name):
             self._prune()
-
-    def _prune(self) -> None:
-        found = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root))
-        periodic = sorted(i.path for i in found if is_periodic(i.base_name))
-        for path in periodic[: -self.keep]:
-            self.fs.delete_dir(path)

@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 import ray.train
+import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -31,7 +32,17 @@ from apollo_ray.runlog import METRICS
 from apollo_ray.storage import absolute, join_uri
 from apollo_ray.trainer import NonFiniteLossError, Trainer
 
-__all__ = ["HEAD_NODE", "HeadRelay", "build_trainer", "check_finished", "run", "train_worker"]
+__all__ = [
+    "DIVERGED",
+    "HEAD_NODE",
+    "HeadRelay",
+    "build_trainer",
+    "check_finished",
+    "mirror_for",
+    "run",
+    "set_threads",
+    "train_worker",
+]
 
 HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node (ray._common.constants)
 DIVERGED = "diverged.txt"  # written by rank 0 when the loss became NaN/inf
@@ -43,6 +54,7 @@ def train_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     faults = config.get("faults")
+    set_threads(cfg)
     trainer = Trainer(
         cfg,
         ray.train.torch.get_device(),
@@ -50,7 +62,7 @@ def train_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world_size,
         store=RayStore(config["storage"], cfg.train.keep_checkpoints, rank),
-        tracker=_mirror(config.get("tracking"), cfg) if rank == 0 else None,
+        tracker=mirror_for(config.get("tracking"), cfg) if rank == 0 else None,
         faults=FaultInjection(cfg.output_dir, **faults)
         if faults and rank == world_size - 1
         else None,
@@ -64,7 +76,15 @@ def train_worker(config: dict[str, Any]) -> None:
         trainer.store.report({"step": trainer.state.step, "error": str(e)})
 
 
-def _mirror(tracking: dict[str, Any] | None, cfg: RunConfig) -> RunMirror | None:
+def set_threads(cfg: RunConfig) -> None:
+    """As many torch threads as the worker reserved CPUs, whichever process runs it (a Ray
+    Train worker or a one-worker trial), so that both compute the same floats."""
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+
+
+def mirror_for(tracking: dict[str, Any] | None, cfg: RunConfig) -> RunMirror | None:
+    """Rank 0's MLflow mirror of the run (None without tracking); a head-local MLflow is
+    reached through a `HeadRelay`."""
     if tracking is None:
         return None
     target = Target(**tracking)

@@ -4,7 +4,10 @@
    `OptunaSearch` (define-by-run over the study's space, seeded); optional ASHA compares trials
    at equal cumulative FLOPs (`time_attr="flops"`), since Apollo trials are cheap early by design.
 2. `trial_driver` is the Tune function trainable of one trial: it materialises the trial's
-   `RunConfig`, runs its TorchTrainer and scores the run against the scratch baseline (`score`).
+   `RunConfig`, trains it and scores the run against the scratch frontier (`score`). A trial of
+   one worker trains in its own process (`apollo_ray.solo`: no worker group to start, and Tune
+   retries it `resources.max_failures` times, resuming from its newest checkpoint); a trial of
+   several runs a TorchTrainer, which restarts its own workers.
 3. `apollo_ray.distributed.train_worker` runs on every Ray Train worker.
 
 A trial whose loss goes NaN/inf or whose workers crash is marked failed with its reason; the
@@ -24,7 +27,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from apollo_ray import distributed
+from apollo_ray import distributed, solo
 from apollo_ray.acceleration import Curve, compare
 from apollo_ray.baseline import Scratch
 from apollo_ray.results import log_run_results
@@ -42,6 +45,7 @@ __all__ = [
     "run_search",
     "score",
     "trial_driver",
+    "trial_resources",
 ]
 
 DRIVER_CPU = 0.1  # a trial driver only waits on its TorchTrainer, whose workers hold the CPUs
@@ -68,14 +72,26 @@ class FinalResultOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def run_search(study: StudyConfig, scratch: Scratch, record: StudyRecord | None = None):
+def run_search(
+    study: StudyConfig,
+    scratch: Scratch,
+    record: StudyRecord | None = None,
+    faults: dict[str, int | None] | None = None,
+):
     """Tier 1: the Tuner over Optuna's suggestions; returns Tune's `ResultGrid`. A study whose
-    search state exists is resumed (the command line has checked that it may be)."""
+    search state exists is resumed (the command line has checked that it may be). `faults`
+    (`kill_at_step`, `kill_after_checkpoint`) kills each trial's training once, for chaos
+    testing."""
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # objective arrives in the last report
-    trainable = _on_the_head(
+    trainable = _with_resources(
+        study,
         tune.with_parameters(
-            trial_driver, study=study.model_dump(mode="json"), scratch=scratch, record=record
-        )
+            trial_driver,
+            study=study.model_dump(mode="json"),
+            scratch=scratch,
+            record=record,
+            faults=faults,
+        ),
     )
     search = study.storage(study.experiment, "tune", "search")
     if tune.Tuner.can_restore(search):
@@ -107,14 +123,15 @@ def run_confirm(
 ):
     """The confirmation runs (`search.confirm`, listed by `confirm_runs`) as Tune trials of
     their own; returns Tune's `ResultGrid`, each result's config naming its run by index."""
-    trainable = _on_the_head(
+    trainable = _with_resources(
+        study,
         tune.with_parameters(
             confirm_driver,
             runs=runs,
             study=study.model_dump(mode="json"),
             scratch=scratch,
             record=record,
-        )
+        ),
     )
     path = study.storage(study.experiment, "tune", "confirm")
     if tune.Tuner.can_restore(path):
@@ -135,17 +152,26 @@ def confirm_runs(study: StudyConfig, best: list[dict[str, Any]]) -> list[dict[st
     return [{"trial": r["trial"], "params": r["params"], "seed": s} for r in best for s in seeds]
 
 
-def _on_the_head(trainable):
-    # on the head node: a trial's Train controller runs beside its driver, and a GPU node that
-    # goes away (spot reclaim, failure) must take only workers with it
-    return tune.with_resources(trainable, {"CPU": DRIVER_CPU, distributed.HEAD_NODE: 0.001})
+def trial_resources(study: StudyConfig) -> dict[str, float]:
+    """What one trial reserves: a one-worker trial trains in its own process and holds the
+    worker's resources; a trial of several workers holds a sliver of the head node for its
+    driver (its Train controller runs beside it, and a GPU node that goes away, e.g. a spot
+    reclaim, must take only workers with it), and its TorchTrainer reserves the workers."""
+    if study.base.resources.workers == 1:
+        return solo.task_resources(study.base)
+    return {"CPU": DRIVER_CPU, distributed.HEAD_NODE: 0.001}
+
+
+def _with_resources(study: StudyConfig, trainable):
+    return tune.with_resources(trainable, trial_resources(study))
 
 
 def _run_config(study: StudyConfig, name: str, record: StudyRecord | None) -> tune.RunConfig:
+    res = study.base.resources  # a TorchTrainer retries its workers itself
     return tune.RunConfig(
         name=name,
         storage_path=study.storage(study.experiment, "tune"),
-        failure_config=tune.FailureConfig(max_failures=0),
+        failure_config=tune.FailureConfig(max_failures=res.max_failures if res.workers == 1 else 0),
         callbacks=[trial_runs_callback(study, record)] if record else [],
     )
 
@@ -182,10 +208,11 @@ def trial_driver(
     study: dict[str, Any],
     scratch: Scratch,
     record: StudyRecord | None = None,
+    faults: dict[str, int | None] | None = None,
 ) -> None:
-    """Tier 2, one per Tune trial: train the trial's schedule with Ray Train, then score it."""
+    """Tier 2, one per Tune trial: train the trial's schedule, then score it."""
     spec = StudyConfig.model_validate(study)  # the study's one validation in this process
-    _train_and_score(spec, config, config, "trial", scratch, record)
+    _train_and_score(spec, config, config, "trial", scratch, record, faults=faults)
 
 
 def confirm_driver(
@@ -210,21 +237,26 @@ def _train_and_score(
     scratch: Scratch,
     record: StudyRecord | None,
     tags: dict[str, str] | None = None,
+    faults: dict[str, int | None] | None = None,
 ) -> None:
     trial_id = tune.get_context().get_trial_id()
     out_dir = Path(study.study_dir) / "trials" / trial_id  # named from the trial id: retries resume
     cfg = materialize(
         study.base, params, name=f"{study.experiment}-{trial_id}", out_dir=str(out_dir)
     )
+    storage = study.storage(study.experiment, "trials")
     with tracked_run(study, record, cfg, kind, searched, trial_id, tags) as target:
-        trainer = distributed.build_trainer(
-            cfg,
-            storage_path=study.storage(study.experiment, "trials"),
-            callbacks=[TuneReportCallback()],
-            progress=False,
-            tracking=target,
-        )
-        trainer.fit()
+        if cfg.resources.workers == 1:
+            solo.train(cfg, storage, tracking=target, faults=faults, report=tune.report)
+        else:
+            distributed.build_trainer(
+                cfg,
+                storage_path=storage,
+                callbacks=[TuneReportCallback()],
+                faults=faults,
+                progress=False,
+                tracking=target,
+            ).fit()
         distributed.check_finished(cfg)
         metrics = cfg.output_dir / METRICS
         scores = score(metrics, scratch)

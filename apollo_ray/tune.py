@@ -61,14 +61,16 @@ def check_resources(study: StudyConfig) -> None:
     """A trial that needs more than the whole cluster has would wait forever: refuse it."""
     import ray
 
-    from apollo_ray.search import DRIVER_CPU
+    from apollo_ray.search import trial_resources
 
     res, total = study.base.resources, ray.cluster_resources()
     need = {
-        "CPU": res.workers * res.cpus_per_worker + DRIVER_CPU,
+        "CPU": res.workers * res.cpus_per_worker,
         "GPU": res.workers * res.gpus_per_worker,
         **{k: res.workers * v for k, v in res.worker_resources.items()},
     }
+    if res.workers > 1:  # the trial's driver, beside its TorchTrainer's workers
+        need["CPU"] += trial_resources(study)["CPU"]
     for kind, amount in need.items():
         if amount > total.get(kind, 0):
             raise ConfigError(

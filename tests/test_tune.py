@@ -1,6 +1,6 @@
 """`python -m apollo_ray.tune`: its pre-flight checks, then real studies on a local Ray (Optuna
-suggestions, Ray Train trials, a diverging trial, the cached baseline, and an interrupted study
-resumed with --resume)."""
+suggestions, one-worker trials in their own processes, a diverging trial, a killed trial that
+Tune retries, the cached baseline, and an interrupted study resumed with --resume)."""
 
 import json
 import os
@@ -11,11 +11,14 @@ import time
 
 import pytest
 import yaml
-from conftest import tiny_study
+from conftest import metrics_rows, tiny_study
 from mlflow import MlflowClient
 
+from apollo_ray.baseline import ensure_frontier
 from apollo_ray.config import ConfigError, load_run_config
+from apollo_ray.faults import FAULT_MARKER
 from apollo_ray.mlflow_server import local_store
+from apollo_ray.search import run_search
 from apollo_ray.study import load_study
 from apollo_ray.tracking import KIND, TRIAL
 from apollo_ray.tune import check_resources, main
@@ -127,3 +130,22 @@ def test_interrupted_search_resumes_without_redoing_trials(ray_cluster, tmp_path
     assert {r.info.status for r in runs} == {"FINISHED"}
     trial_runs = {r.data.tags[TRIAL] for r in runs if r.data.tags[KIND] == "trial"}
     assert trial_runs == {t["trial"] for t in summary["trials"]}
+
+
+@pytest.mark.slow
+def test_killed_trial_is_retried_by_tune_and_resumes(ray_cluster, tmp_path, gpt_data):
+    # a one-worker trial trains in its own process: Tune retries it (base.resources.max_failures)
+    # and the retry resumes from the trial's newest checkpoint
+    path = tiny_study(tmp_path, gpt_data, "killed", trials=1, lrs=(3.0e-3,))
+    data = yaml.safe_load(path.read_text())
+    data["base"]["resources"]["max_failures"] = 1
+    path.write_text(yaml.safe_dump(data))
+    study = load_study(path)
+    (result,) = run_search(study, ensure_frontier(study), faults={"kill_at_step": 7})
+    assert result.error is None and result.metrics["speedup"] > 0
+    run_dir = tmp_path / "outputs" / "killed" / "trials" / result.metrics["trial_id"]
+    assert (run_dir / FAULT_MARKER).exists()  # the trial's process really was killed
+    resumes = (run_dir / "resumes.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in resumes] == [6]  # the stage boundary's checkpoint
+    steps = [r["step"] for r in metrics_rows(run_dir) if "loss" in r]
+    assert steps == list(range(1, 13))
