@@ -140,7 +140,7 @@ def _ensure_run(
         else:
             print(f"scratch {budget:g}x: training in {run_dir}", file=sys.stderr)
             storage = study.storage(BASELINES)
-            if cfg.resources.workers == 1:
+            if solo.applies(cfg):
                 last = solo.run(cfg, tracking=target, storage_path=storage)
             else:
                 last = distributed.run(cfg, tracking=target, storage_path=storage).metrics

@@ -222,6 +222,11 @@ class ResourcesConfig(Strict):
         description="custom Ray resources each worker also needs, e.g. {accelerator_type:H100: "
         "0.001} or a node label of your own (ray start --resources), to place workers on nodes",
     )
+    worker_group: Literal["auto", "always"] = Field(
+        "auto",
+        description="auto: a run of one worker trains in its trial's own process (or one Ray "
+        "task), several in a Ray Train worker group; always: a worker group even for one",
+    )
 
 
 class RunConfig(Strict):

@@ -157,7 +157,7 @@ def trial_resources(study: StudyConfig) -> dict[str, float]:
     worker's resources; a trial of several workers holds a sliver of the head node for its
     driver (its Train controller runs beside it, and a GPU node that goes away, e.g. a spot
     reclaim, must take only workers with it), and its TorchTrainer reserves the workers."""
-    if study.base.resources.workers == 1:
+    if solo.applies(study.base):
         return solo.task_resources(study.base)
     return {"CPU": DRIVER_CPU, distributed.HEAD_NODE: 0.001}
 
@@ -167,11 +167,12 @@ def _with_resources(study: StudyConfig, trainable):
 
 
 def _run_config(study: StudyConfig, name: str, record: StudyRecord | None) -> tune.RunConfig:
-    res = study.base.resources  # a TorchTrainer retries its workers itself
+    # Tune retries a trial that trains in its own process; a TorchTrainer retries its workers
+    retries = study.base.resources.max_failures if solo.applies(study.base) else 0
     return tune.RunConfig(
         name=name,
         storage_path=study.storage(study.experiment, "tune"),
-        failure_config=tune.FailureConfig(max_failures=res.max_failures if res.workers == 1 else 0),
+        failure_config=tune.FailureConfig(max_failures=retries),
         callbacks=[trial_runs_callback(study, record)] if record else [],
     )
 
@@ -246,7 +247,7 @@ def _train_and_score(
     )
     storage = study.storage(study.experiment, "trials")
     with tracked_run(study, record, cfg, kind, searched, trial_id, tags) as target:
-        if cfg.resources.workers == 1:
+        if solo.applies(cfg):
             solo.train(cfg, storage, tracking=target, faults=faults, report=tune.report)
         else:
             distributed.build_trainer(

@@ -23,7 +23,7 @@ from apollo_ray.mirror import Target
 from apollo_ray.storage import absolute, join_uri
 from apollo_ray.trainer import NonFiniteLossError, Trainer
 
-__all__ = ["run", "task_resources", "train"]
+__all__ = ["applies", "run", "task_resources", "train"]
 
 
 def train(
@@ -64,6 +64,12 @@ def train(
     except NonFiniteLossError as e:
         (trainer.run_dir / DIVERGED).write_text(str(e) + "\n")
     return dict(last)
+
+
+def applies(cfg: RunConfig) -> bool:
+    """Whether `cfg` trains here rather than in a Ray Train worker group: one worker, and
+    `resources.worker_group` not `always`."""
+    return cfg.resources.workers == 1 and cfg.resources.worker_group == "auto"
 
 
 def task_resources(cfg: RunConfig) -> dict[str, float]:

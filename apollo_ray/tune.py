@@ -61,6 +61,7 @@ def check_resources(study: StudyConfig) -> None:
     """A trial that needs more than the whole cluster has would wait forever: refuse it."""
     import ray
 
+    from apollo_ray import solo
     from apollo_ray.search import trial_resources
 
     res, total = study.base.resources, ray.cluster_resources()
@@ -69,7 +70,7 @@ def check_resources(study: StudyConfig) -> None:
         "GPU": res.workers * res.gpus_per_worker,
         **{k: res.workers * v for k, v in res.worker_resources.items()},
     }
-    if res.workers > 1:  # the trial's driver, beside its TorchTrainer's workers
+    if not solo.applies(study.base):  # the trial's driver, beside its TorchTrainer's workers
         need["CPU"] += trial_resources(study)["CPU"]
     for kind, amount in need.items():
         if amount > total.get(kind, 0):

@@ -1,157 +1,146 @@
-"""What Ray Train and MLflow cost: tokens/s of the same model and batches in a plain PyTorch
-loop, our trainer in-process, our trainer as one Ray Train worker, and the same with rank 0
-mirroring the run into MLflow (a local `mlflow server` on 127.0.0.1, every row and the final
-checkpoint uploaded); plus Ray's fixed start-up costs.
+"""The fixed cost of a trial: what a search pays per trial besides its training steps.
 
-    python -m benchmarks.overhead                # BERT 6 x 256, seq 128, batch 16, 40 steps
-    python -m benchmarks.overhead --steps 20
+    python -m benchmarks.overhead                    # the demo's trials at 20, 60 and 100 steps
+    python -m benchmarks.overhead --steps 20 60 --trials 2
 
-Steady-state tokens/s is the median over the steps after the first five (warm-up), read from
-each run's own metrics; the plain loop is timed over the same number of steps. Fixed costs:
-`ray.init` on this machine, and per run the extra wall time of `TorchTrainer.fit()` (actor and
-process-group start, checkpoint upload, shutdown) over the same run in-process.
-Writes benchmarks/results/overhead.json.
+Runs real searches (`apollo_ray.search.run_search`: Ray Tune, Optuna's random sampler, each
+trial's MLflow run on a local `mlflow server` with the demo's checkpoint policy, its checkpoints
+and its scoring) of the demo study (`search_spaces/small.yaml`) at several step budgets, once
+per trial path, in this one run and on one local Ray:
+- in-process: the default for one worker, the trial trains in its own process (apollo_ray.solo);
+- Ray Train: the same trials through a one-worker TorchTrainer (`resources.worker_group:
+  always`, the path every trial of several workers takes).
+A trial's wall time is Tune's `time_total_s`; the fixed cost is the intercept of a least-squares
+line of wall time against step count (the slope is the cost of one step). Also per trial, from
+each search's own wall clock: the search's time over its number of trials (this adds the start
+of each trial's process and Tune's own bookkeeping). The scratch frontier each budget needs is
+trained once, beforehand, and not counted.
+Writes benchmarks/results/overhead.json (`fixed_cost_s` per path).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+import yaml
 
-from apollo_ray.config import RunConfig
-from apollo_ray.trainer import Trainer
 from benchmarks.common import print_table, save
-from benchmarks.throughput import demo_data, plain_loop
 
-__all__ = ["main", "steady_tokens_per_s"]
+__all__ = ["fit_line", "main"]
+
+PATHS = {"in-process": "auto", "Ray Train": "always"}
 
 
-def steady_tokens_per_s(run_dir: Path) -> float:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(
-        r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 5
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys against xs."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
     )
+    return my - slope * mx, slope
+
+
+def study_file(out: Path, steps: int, path: str, trials: int) -> Path:
+    """The demo study at `steps` steps, `trials` random trials, no confirmation, its trials on
+    the given path; a YAML in `out`."""
+    demo = yaml.safe_load(Path("search_spaces/small.yaml").read_text())
+    demo["experiment"] = f"overhead-{PATHS[path]}-{steps}"
+    demo["output_dir"] = str(out / "outputs")
+    demo["frontier"] = [0.5, 1.0]
+    demo["base"]["train"]["steps"] = steps
+    demo["base"]["resources"]["worker_group"] = PATHS[path]
+    demo["base"]["data"]["path"] = str(Path(demo["base"]["data"]["path"]).absolute())
+    demo["search"].update(trials=trials, sampler={"kind": "random", "seed": 0}, confirm=None)
+    file = out / f"{demo['experiment']}.yaml"
+    file.write_text(yaml.safe_dump(demo))
+    return file
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--kind", choices=["bert", "gpt"], default="bert")
+    parser.add_argument("--steps", type=int, nargs="+", default=[20, 60, 100])
+    parser.add_argument("--trials", type=int, default=2, help="trials per search")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    threads = torch.get_num_threads()
-
-    out = Path(tempfile.mkdtemp(prefix="apollo-overhead-"))
-
-    def cfg(name: str) -> RunConfig:
-        return RunConfig.model_validate(
-            {
-                "name": name,
-                "out_dir": str(out / name),
-                "model": {
-                    "kind": args.kind,
-                    "n_layer": 6,
-                    "d_model": 256,
-                    "n_head": 4,
-                    "max_seq_len": 128,
-                    "dropout": 0.1,
-                },
-                "data": {"path": str(demo_data(args.kind)), "seq_len": 128},
-                "train": {
-                    "steps": args.steps,
-                    "micro_batch": 16,
-                    "lr": 1e-4,
-                    "log_every": 1,
-                    "eval_every": args.steps,
-                    "checkpoint_every": args.steps,
-                },
-                "resources": {"workers": 1, "cpus_per_worker": threads, "max_failures": 0},
-            }
-        )
-
-    t0 = time.perf_counter()
-    local = Trainer(cfg("in-process"), progress=False)
-    local.fit()
-    local_wall = time.perf_counter() - t0
-
-    batches = []
-    for step in range(args.steps):
-        b = local.train_data.batch(step, 0, micro_batch=16)
-        batches.append((b["input_ids"], b["labels"]))
-    plain = plain_loop(cfg("plain"), local.model_cfg, batches, torch.device("cpu"))
-    plain(5)
-    t0 = time.perf_counter()
-    plain(args.steps)
-    plain_tps = args.steps * 16 * 128 / (time.perf_counter() - t0)
 
     import ray
 
-    from apollo_ray import distributed
-
-    t0 = time.perf_counter()
-    ray.init(num_cpus=threads, log_to_driver=False)
-    init_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    distributed.build_trainer(cfg("ray-1-worker"), progress=False).fit()
-    ray_wall = time.perf_counter() - t0
-
-    from mlflow import MlflowClient
-
-    from apollo_ray.mirror import Target
+    from apollo_ray.baseline import ensure_frontier
     from apollo_ray.mlflow_server import LocalServer
+    from apollo_ray.search import run_search
+    from apollo_ray.study import load_study
+    from apollo_ray.tracking import study_run
+    from apollo_ray.tune import prepare_data
 
+    out = Path(tempfile.mkdtemp(prefix="apollo-overhead-"))
+    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+    trials: list[dict[str, object]] = []
+    searches: list[dict[str, object]] = []
     with LocalServer(out / "mlflow") as server:
-        client = MlflowClient(server.uri)
-        run_id = client.create_run(client.create_experiment("overhead")).info.run_id
-        target = Target(server.uri, run_id, "last")
-        t0 = time.perf_counter()
-        distributed.build_trainer(cfg("ray-mlflow"), progress=False, tracking=target).fit()
-        mlflow_wall = time.perf_counter() - t0
-        logged = len(client.get_metric_history(run_id, "train_loss"))
+        for steps in args.steps:
+            scratch = None
+            for path in PATHS:
+                file = study_file(out, steps, path, args.trials)
+                study = load_study(file)
+                prepare_data(study)
+                scratch = scratch or ensure_frontier(study)
+                with study_run(study, str(file), server.uri, resume=False) as record:
+                    t0 = time.perf_counter()
+                    grid = run_search(study, scratch, record)
+                    wall = time.perf_counter() - t0
+                for result in grid:
+                    if result.error is not None:
+                        raise RuntimeError(f"{path} trial at {steps} steps failed: {result.error}")
+                    trials.append(
+                        {
+                            "path": path,
+                            "steps": steps,
+                            "trial s": result.metrics["time_total_s"],
+                            "train s": result.metrics["wall"],
+                        }
+                    )
+                searches.append({"path": path, "steps": steps, "per trial s": wall / len(grid)})
+                print(f"{path}, {steps} steps: {wall:.1f} s for {len(grid)} trials", flush=True)
     ray.shutdown()
 
-    rows = [
-        {"loop": "plain PyTorch loop", "tokens/s": plain_tps},
+    rows = []
+    fixed_cost_s = {}
+    for path in PATHS:
+        mine = [t for t in trials if t["path"] == path]
+        intercept, slope = fit_line([t["steps"] for t in mine], [t["trial s"] for t in mine])
+        searched = [s for s in searches if s["path"] == path]
+        wall_intercept, _ = fit_line(
+            [s["steps"] for s in searched], [s["per trial s"] for s in searched]
+        )
+        not_training = [t["trial s"] - t["train s"] for t in mine]
+        fixed_cost_s[path] = intercept
+        rows.append(
+            {
+                "path": path,
+                "fixed cost s (Tune)": intercept,
+                "s per step": slope,
+                "fixed cost s (search wall / trials)": wall_intercept,
+                "median s not in train steps": statistics.median(not_training),
+            }
+        )
+    print_table(rows, list(rows[0]))
+    path = save(
+        "overhead",
         {
-            "loop": "apollo_ray Trainer, in-process",
-            "tokens/s": steady_tokens_per_s(out / "in-process"),
-            "run wall s": local_wall,
+            "args": vars(args),
+            "fixed_cost_s": fixed_cost_s,
+            "rows": rows,
+            "trials": trials,
+            "searches": searches,
         },
-        {
-            "loop": "apollo_ray Trainer, Ray Train 1 worker",
-            "tokens/s": steady_tokens_per_s(out / "ray-1-worker"),
-            "run wall s": ray_wall,
-        },
-        {
-            "loop": "... + MLflow mirror (local server)",
-            "tokens/s": steady_tokens_per_s(out / "ray-mlflow"),
-            "run wall s": mlflow_wall,
-        },
-    ]
-    for r in rows:
-        r["vs plain"] = r["tokens/s"] / plain_tps - 1
-    print_table(rows, ["loop", "tokens/s", "vs plain", "run wall s"])
-    fixed = {
-        "ray_init_s": init_s,
-        "ray_run_overhead_s": ray_wall - local_wall,
-        "mlflow_run_overhead_s": mlflow_wall - ray_wall,
-        "mlflow_train_loss_points": logged,
-    }
-    print(
-        f"ray.init: {init_s:.1f} s; per-run Ray Train overhead (fit wall - in-process wall): "
-        f"{fixed['ray_run_overhead_s']:.1f} s; MLflow mirror: "
-        f"{fixed['mlflow_run_overhead_s']:+.1f} s per run ({logged} train_loss points in MLflow)"
     )
-    path = save("overhead", {"args": vars(args), "torch_threads": threads, "rows": rows, **fixed})
     print(f"wrote {path}")
 
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU checks in one go (about 5 minutes on one H100/H200, prepared and tried on a CPU):
+# BERT-Base width (12 x 768, seq 512, batch 32, bf16) eager and compiled side by side, with
+# plain-loop rows at depth 1 and 12 (the cost of a shallow Apollo step against a full one), the
+# attention kernel that ran and each step's profile. Writes
+# benchmarks/results/throughput-bert-<gpu>.json (and a copy under $OUT when that is set).
+#
+#   bash benchmarks/gpu.sh
+#
+# On a machine whose Python lacks some of apollo_ray's needs (pydantic, say), put their wheels
+# in .whl/ first; they are installed into /tmp/site for this run only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+$PY -m benchmarks.throughput --kind bert --layers 12 --d-model 768 --head-dim 64 \
+  --seq-len 512 --micro-batch 32 --depths 1,12 --steps 20 --rounds 3 --run-steps 0
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/throughput-bert-*.json "$OUT"/; fi
+# the trainer on the GPU: bf16, a run resumed from its checkpoint logs the uninterrupted losses
+$PY -m pytest -q -m gpu tests/
