@@ -39,6 +39,7 @@ __all__ = [
     "build_trainer",
     "check_finished",
     "mirror_for",
+    "on_head_node",
     "run",
     "set_threads",
     "train_worker",
@@ -84,12 +85,20 @@ def set_threads(cfg: RunConfig) -> None:
 
 def mirror_for(tracking: dict[str, Any] | None, cfg: RunConfig) -> RunMirror | None:
     """Rank 0's MLflow mirror of the run (None without tracking); a head-local MLflow is
-    reached through a `HeadRelay`."""
+    reached through a `HeadRelay` from any other node."""
     if tracking is None:
         return None
     target = Target(**tracking)
-    uploader = HeadRelay(target.uri, target.run_id) if head_local(target.uri) else None
+    relay = head_local(target.uri) and not on_head_node()
+    uploader = HeadRelay(target.uri, target.run_id) if relay else None
     return RunMirror(target, cfg.output_dir, cfg.train.steps, uploader=uploader)
+
+
+def on_head_node() -> bool:
+    """Whether this process runs on the head node of its Ray cluster (where a head-local MLflow
+    is reachable directly, without a relay actor to start)."""
+    node = ray.get_runtime_context().get_node_id()
+    return any(n["NodeID"] == node and HEAD_NODE in n["Resources"] for n in ray.nodes())
 
 
 class HeadRelay:

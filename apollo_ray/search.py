@@ -112,6 +112,7 @@ def run_search(
             scheduler=_scheduler(study, scratch),
             num_samples=study.search.trials,
             max_concurrent_trials=study.search.max_concurrent_trials,
+            reuse_actors=True,  # a finished trial's process takes the next: no start, no imports
         ),
         run_config=_run_config(study, "search", record),
     )
@@ -139,7 +140,9 @@ def run_confirm(
     tuner = tune.Tuner(
         trainable,
         param_space={"run": tune.grid_search(list(range(len(runs))))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=study.search.max_concurrent_trials),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=study.search.max_concurrent_trials, reuse_actors=True
+        ),
         run_config=_run_config(study, "confirm", record),
     )
     return tuner.fit()

@@ -33,7 +33,6 @@ def train(
     tracking: Target | None = None,
     faults: dict[str, int | None] | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,
-    progress: bool = False,
 ) -> dict[str, Any]:
     """Train `cfg` here, its checkpoints under `storage_path/<run dir name>/` (resuming from the
     newest), every row the store is handed passed to `report`; returns the last such row. A
@@ -42,7 +41,6 @@ def train(
     if (cfg.output_dir / DIVERGED).exists():
         return {}
     set_threads(cfg)
-    store = StorageStore(join_uri(storage_path, cfg.output_dir.name), cfg.train.keep_checkpoints)
     last: dict[str, Any] = {}
 
     def on_report(row: dict[str, Any]) -> None:
@@ -51,11 +49,11 @@ def train(
         if report is not None:
             report(row)
 
-    store.on_report = on_report
+    folder = join_uri(storage_path, cfg.output_dir.name)
     trainer = Trainer(
         cfg,
-        progress=progress,
-        store=store,
+        progress=False,
+        store=StorageStore(folder, cfg.train.keep_checkpoints, on_report),
         tracker=mirror_for(asdict(tracking) if tracking else None, cfg),
         faults=FaultInjection(cfg.output_dir, **faults) if faults else None,
     )

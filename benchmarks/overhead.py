@@ -14,7 +14,8 @@ A trial's wall time is Tune's `time_total_s`; the fixed cost is the intercept of
 line of wall time against step count (the slope is the cost of one step). Also per trial, from
 each search's own wall clock: the search's time over its number of trials (this adds the start
 of each trial's process and Tune's own bookkeeping). The scratch frontier each budget needs is
-trained once, beforehand, and not counted.
+trained once, beforehand, and not counted. Then one in-process trial is run again phase by
+phase, outside Tune, to say where its fixed cost goes (`breakdown`).
 Writes benchmarks/results/overhead.json (`fixed_cost_s` per path).
 """
 
@@ -31,7 +32,7 @@ import yaml
 
 from benchmarks.common import print_table, save
 
-__all__ = ["fit_line", "main"]
+__all__ = ["breakdown", "fit_line", "main"]
 
 PATHS = {"in-process": "auto", "Ray Train": "always"}
 
@@ -59,6 +60,78 @@ def study_file(out: Path, steps: int, path: str, trials: int) -> Path:
     file = out / f"{demo['experiment']}.yaml"
     file.write_text(yaml.safe_dump(demo))
     return file
+
+
+def breakdown(study, scratch, record) -> dict[str, float]:
+    """Where the fixed cost of an in-process trial goes: one trial of `study` (the base
+    schedule) run here phase by phase as its driver runs it, each phase timed, the trainer's
+    own phases timed by wrapping its methods; plus starting a fresh Python that imports what a
+    trial's process imports (Tune's actor start is on top of that)."""
+    import subprocess
+    import sys
+
+    from apollo_ray import solo
+    from apollo_ray.acceleration import Curve
+    from apollo_ray.results import log_run_results
+    from apollo_ray.search import score
+    from apollo_ray.space import materialize
+    from apollo_ray.tracking import tracked_run
+    from apollo_ray.trainer import Trainer
+
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", "import apollo_ray.search, apollo_ray.solo, apollo_ray.trainer"],
+        check=True,
+    )
+    phases["fresh Python importing a trial's modules"] = time.perf_counter() - t0
+
+    def timed(name: str, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    originals = {k: getattr(Trainer, k) for k in ("__init__", "evaluate", "final_evaluation")}
+    originals["save_checkpoint"] = Trainer.save_checkpoint
+    Trainer.__init__ = timed("trainer setup (data, model, resume check)", Trainer.__init__)
+    Trainer.evaluate = timed("evaluations during training", Trainer.evaluate)
+    Trainer.final_evaluation = timed("final evaluation (whole split)", Trainer.final_evaluation)
+    Trainer.save_checkpoint = timed("checkpoints (+ MLflow uploads)", Trainer.save_checkpoint)
+    try:
+        out = Path(study.study_dir) / "breakdown"
+        cfg = materialize(study.base, {}, name=f"{study.experiment}-breakdown", out_dir=str(out))
+        start = time.perf_counter()
+        run = tracked_run(study, record, cfg, "trial", {}, "breakdown")
+        target = run.__enter__()
+        phases["MLflow run start + params"] = time.perf_counter() - start
+        start = time.perf_counter()
+        solo.train(cfg, study.storage(study.experiment, "trials"), tracking=target)
+        training = time.perf_counter() - start
+        metrics = cfg.output_dir / "metrics.jsonl"
+        start = time.perf_counter()
+        scores = score(metrics, scratch)
+        full = Curve.from_metrics(scratch.full, name="scratch 1x")
+        phases["scoring"] = time.perf_counter() - start
+        start = time.perf_counter()
+        client = record.client()
+        log_run_results(client, target.run_id, cfg, metrics, scratch.frontier(), scores, full)
+        phases["MLflow results (totals, plots)"] = time.perf_counter() - start
+        start = time.perf_counter()
+        run.__exit__(None, None, None)
+        phases["MLflow run end (flush)"] = time.perf_counter() - start
+    finally:
+        for name, fn in originals.items():
+            setattr(Trainer, name, fn)
+    phases["training steps"] = scores["wall"]
+    trainer_phases = ("trainer", "eval", "final", "check")
+    inside = sum(v for k, v in phases.items() if k.startswith(trainer_phases))
+    phases["rest of the run (mirror, logging)"] = training - inside - scores["wall"]
+    return phases
 
 
 def main() -> None:
@@ -108,6 +181,9 @@ def main() -> None:
                     )
                 searches.append({"path": path, "steps": steps, "per trial s": wall / len(grid)})
                 print(f"{path}, {steps} steps: {wall:.1f} s for {len(grid)} trials", flush=True)
+        study = load_study(study_file(out, args.steps[0], "in-process", args.trials))
+        with study_run(study, "search_spaces/small.yaml", server.uri, resume=True) as record:
+            phases = breakdown(study, ensure_frontier(study), record)
     ray.shutdown()
 
     rows = []
@@ -131,12 +207,15 @@ def main() -> None:
             }
         )
     print_table(rows, list(rows[0]))
+    print(f"\nan in-process trial of {args.steps[0]} steps, phase by phase (seconds):")
+    print_table([{"phase": k, "s": v} for k, v in phases.items()], ["phase", "s"])
     path = save(
         "overhead",
         {
             "args": vars(args),
             "fixed_cost_s": fixed_cost_s,
             "rows": rows,
+            "in_process_trial_phases_s": phases,
             "trials": trials,
             "searches": searches,
         },
