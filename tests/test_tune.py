@@ -89,7 +89,7 @@ def test_more_workers_than_the_cluster_has(ray_cluster, tmp_path, gpt_data):
 
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_redoing_trials(ray_cluster, tmp_path, gpt_data):
-    path = tiny_study(tmp_path, gpt_data, "resumable", trials=3, lrs=(3.0e-3,))
+    path = tiny_study(tmp_path, gpt_data, "resumable", trials=2, lrs=(3.0e-3,))
     out = tmp_path / "outputs" / "resumable"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.Popen(
@@ -117,7 +117,7 @@ def test_interrupted_search_resumes_without_redoing_trials(ray_cluster, tmp_path
 
     assert main([str(path), "--resume"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [t["status"] for t in summary["trials"]] == ["ok"] * 3
+    assert [t["status"] for t in summary["trials"]] == ["ok"] * 2
     assert first in {t["trial"] for t in summary["trials"]}
     assert (out / "trials" / first / "metrics.jsonl").stat().st_mtime_ns == first_mtime
 
@@ -126,7 +126,7 @@ def test_interrupted_search_resumes_without_redoing_trials(ray_cluster, tmp_path
     exp = client.get_experiment_by_name("resumable")
     runs = client.search_runs([exp.experiment_id])
     kinds = sorted(r.data.tags[KIND] for r in runs)
-    assert kinds == ["baseline", "frontier", "frontier", "study", "trial", "trial", "trial"]
+    assert kinds == ["baseline", "frontier", "frontier", "study", "trial", "trial"]
     assert {r.info.status for r in runs} == {"FINISHED"}
     trial_runs = {r.data.tags[TRIAL] for r in runs if r.data.tags[KIND] == "trial"}
     assert trial_runs == {t["trial"] for t in summary["trials"]}
