@@ -1,5 +1,8 @@
 """End-to-end on a real local Ray: Train workers with DDP (gloo), reported checkpoints, and a
-worker killed mid-run that resumes and finishes exactly like the uninterrupted run."""
+worker killed mid-run that resumes and finishes exactly like the uninterrupted run. (That two
+workers train like one accumulating two micro-batches is tested on two gloo processes without
+Ray, tests/test_ddp.py; that one Ray Train worker computes the same floats as the in-process
+path, tests/test_solo.py.)"""
 
 import pytest
 from conftest import timeless, tiny_run
@@ -7,7 +10,6 @@ from conftest import timeless, tiny_run
 from apollo_ray import distributed
 from apollo_ray.config import RunConfig
 from apollo_ray.faults import FAULT_MARKER
-from apollo_ray.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -42,31 +44,6 @@ def test_two_workers_report_metrics_and_checkpoints(uninterrupted):
     assert {"step-0000012", "step-0000008", "step-0000006.pre-growth"} <= names
     assert "step-0000004" not in names  # train.keep_checkpoints = 2 periodic ones
     assert [r["n_physical"] for r in rows if "loss" in r] == [1] * 3 + [2] * 3 + [4] * 6
-
-
-def test_same_loss_as_one_process_with_accumulation(ray_cluster, gpt_data, tmp_path):
-    # global batch 8 = 1 process x 4 x accum 2 = 2 Ray Train workers x 4 x accum 1. Without
-    # dropout (its masks differ between layouts) and at full depth (each micro-batch samples
-    # its own depth) the two runs compute the same thing: the whole curves agree.
-    def cfg(out, workers, grad_accum):
-        return tiny_run(
-            gpt_data,
-            out,
-            seed=1,
-            train={"grad_accum": grad_accum, "eval_batches": 4, "checkpoint_every": 4},
-            schedule=None,
-            resources={"workers": workers, "cpus_per_worker": 1, "max_failures": 0},
-        )
-
-    distributed.run(cfg(tmp_path / "two", 2, 1))
-    Trainer(cfg(tmp_path / "one", 1, 2), progress=False).fit()
-    two, one = timeless(tmp_path / "two"), timeless(tmp_path / "one")
-    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(13))
-    for x, y in zip(one, two, strict=True):
-        for key in ("loss", "eval_loss"):
-            if key in x:
-                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
-        assert (x["tokens"], x["flops"]) == (y["tokens"], y["flops"])
 
 
 def test_killed_worker_resumes_and_finishes_identically(uninterrupted, gpt_data, tmp_path):
