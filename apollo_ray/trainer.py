@@ -229,59 +229,64 @@ class Trainer:
                     }
                 )
 
-            def finish(row: dict[str, Any]) -> None:
-                """Read a queued step's loss (stop if it is not finite), then evaluate, log
-                and checkpoint as its step asks."""
-                row = self.settle(row)
-                step = row["step"]
-                if self.faults:
-                    self.faults.step_done(step)
-                if step == cfg.steps:
-                    row |= self.final_evaluation()
-                    self.state.eval_loss = row["eval_loss"]
-                elif step % cfg.eval_every == 0:
-                    row["eval_loss"] = self.state.eval_loss = self.evaluate()
-                if step % cfg.log_every == 0 or "eval_loss" in row or step == cfg.steps:
-                    log.write(row)
-                    tracker.poll()
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    self.save_checkpoint(row)
-                elif "eval_loss" in row:
-                    self.store.report(row)
-                bar.update(1)
-                bar.set_postfix(
-                    N=row["n_physical"],
-                    loss=f"{row['loss']:.3f}",
-                    eval=_fmt(self.state.eval_loss),
-                    tok_s=f"{row['tokens_per_s']:.0f}",
-                )
-
             # A step's loss is read once the next step is queued, so the device never waits
             # for the host; a step that evaluates, checkpoints, ends or precedes a growth is
             # read at once (its weights are needed as they are).
             pending: dict[str, Any] | None = None
             while self.state.step < cfg.steps:
-                if self.schedule.n_physical(self.state.step) > len(self.model.layers):
+                if self._grows_at(self.state.step):
                     log.write(self.grow())
                     tracker.poll()
                 row = self.train_step()
                 if pending is not None:
-                    finish(pending)
+                    self._finish(pending, log, bar)
                 step = self.state.step
                 at_once = (
                     step == cfg.steps
                     or step % cfg.eval_every == 0
                     or step % cfg.checkpoint_every == 0
-                    or self.schedule.n_physical(step) > len(self.model.layers)
+                    or self._grows_at(step)
                 )
                 pending = None if at_once else row
                 if at_once:
-                    finish(row)
+                    self._finish(row, log, bar)
         finally:
             bar.close()
             log.close()
             tracker.close()
         return self.state
+
+    def _grows_at(self, step: int) -> bool:
+        """Whether the schedule wants more layers at `step` than the model has."""
+        return self.schedule.n_physical(step) > len(self.model.layers)
+
+    def _finish(self, row: dict[str, Any], log: MetricsLog, bar: tqdm) -> None:
+        """Read a queued step's loss (stop if it is not finite), then evaluate, log and
+        checkpoint as its step asks."""
+        cfg = self.cfg.train
+        row = self.settle(row)
+        step = row["step"]
+        if self.faults:
+            self.faults.step_done(step)
+        if step == cfg.steps:
+            row |= self.final_evaluation()
+            self.state.eval_loss = row["eval_loss"]
+        elif step % cfg.eval_every == 0:
+            row["eval_loss"] = self.state.eval_loss = self.evaluate()
+        if step % cfg.log_every == 0 or "eval_loss" in row or step == cfg.steps:
+            log.write(row)
+            self.tracker.poll()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            self.save_checkpoint(row)
+        elif "eval_loss" in row:
+            self.store.report(row)
+        bar.update(1)
+        bar.set_postfix(
+            N=row["n_physical"],
+            loss=f"{row['loss']:.3f}",
+            eval=_fmt(self.state.eval_loss),
+            tok_s=f"{row['tokens_per_s']:.0f}",
+        )
 
     def grow(self) -> dict[str, Any]:
         """Grow the layers to the current stage's N, with checkpoints before and after, and
