@@ -184,12 +184,18 @@ class ScheduleConfig(Strict):
         ge=0.0,
         description="std of Gaussian noise added to grown weights, relative to each tensor's std",
     )
-    optimizer_state: Literal["fresh", "copy"] = Field(
-        "fresh",
-        description="AdamW moments of grown layers: fresh = start empty (released), "
-        "copy = carried with the weights",
+    optimizer_state: Literal["slot", "fresh", "copy"] = Field(
+        "slot",
+        description="AdamW moments of grown layers: slot = the release's (new layer j keeps old "
+        "layer j's moments, layers beyond the old depth start empty), fresh = all start empty, "
+        "copy = combined like the weights",
     )
     rewarmup_steps: int = Field(0, ge=0, description="linear LR re-warmup after each growth")
+    lr_rewind: bool = Field(
+        False,
+        description="restart the LR schedule at each growth (warmup and decay over the steps "
+        "that remain, as MSG); false: one global schedule (the release)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ScheduleConfig:

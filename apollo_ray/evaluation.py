@@ -60,16 +60,19 @@ class Evaluator:
     def final(self, model: TransformerLM, plan: Sequence[int]) -> dict[str, Any]:
         """The final held-out loss, read on the whole validation split or on as many of its
         sequences as give `train.final_eval_tokens` predicted tokens: `eval_loss`, its standard
-        error `eval_loss_se` (over sequences, as a ratio estimate; None for one sequence) and
-        `eval_tokens`, the number of predicted tokens read."""
+        error `eval_loss_se` (over sequences, as a ratio estimate; None for one sequence),
+        `eval_accuracy`, the fraction of predicted tokens whose most likely token is the label
+        (bert: masked-LM accuracy; gpt: next-token accuracy), and `eval_tokens`, the number of
+        predicted tokens read."""
         model.eval()
         train, data = self.cfg.train, self.cfg.data
         mlm = self.cfg.model.kind == "bert"
         per_sequence = data.mlm_probability * (data.seq_len - 1) if mlm else data.seq_len
         wanted = math.ceil(1.1 * train.final_eval_tokens / per_sequence)  # MLM varies: +10%
         count = min(self.data.n_sequences, wanted)
-        # per sequence i, l_i summed over its n_i predicted tokens: l, n, l^2, n^2, l n, 1
-        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+        # per sequence i, l_i summed over its n_i predicted tokens: l, n, l^2, n^2, l n, 1, and
+        # the predictions that are right
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
         step = self.world_size * train.micro_batch
         for first in range(self.rank * train.micro_batch, count, step):
             batch = self.data.samples(first, min(train.micro_batch, count - first))
@@ -80,12 +83,20 @@ class Evaluator:
                 logits.float().flatten(0, 1), labels.flatten(), reduction="none"
             ).view(labels.shape)  # (B, T): 0 where labels == IGNORE_INDEX
             loss, n = token_loss.double().sum(1), (labels != IGNORE_INDEX).double().sum(1)
-            sums += torch.stack([loss, n, loss * loss, n * n, loss * n, torch.ones_like(n)]).sum(1)
+            right = (logits.argmax(-1) == labels).double().sum(1)  # labels -100 never match
+            sums += torch.stack(
+                [loss, n, loss * loss, n * n, loss * n, torch.ones_like(n), right]
+            ).sum(1)
         if self.world_size > 1:
             dist.all_reduce(sums)
-        l_sum, n_sum, l_sq, n_sq, l_n, m = sums.tolist()
+        l_sum, n_sum, l_sq, n_sq, l_n, m, right = sums.tolist()
         mean, se = l_sum / n_sum, None
         if m > 1:  # the ratio estimator's variance: sum (l_i - mean n_i)^2 / (m (m-1) nbar^2)
             spread = max(l_sq - 2 * mean * l_n + mean**2 * n_sq, 0.0)
             se = math.sqrt(spread / (m * (m - 1))) / (n_sum / m)
-        return {"eval_loss": mean, "eval_loss_se": se, "eval_tokens": int(n_sum)}
+        return {
+            "eval_loss": mean,
+            "eval_loss_se": se,
+            "eval_accuracy": right / n_sum,
+            "eval_tokens": int(n_sum),
+        }

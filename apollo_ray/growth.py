@@ -7,6 +7,14 @@ layer. One shared mechanism, `grow`, applies the rows to the weights (plus optio
 with the `copy` optimizer-state policy, to the AdamW moments, so each operator is a few lines
 and all of them run through one conformance suite (tests/test_growth.py).
 
+AdamW moments of the grown layers (`optimizer_state`):
+- `slot`, the release's behaviour: its model holds L layer slots and a growth copies weights
+  into them (`stack_model`, `.data` assignment), so the AdamW state stays with the slot: new
+  layer j keeps the moments (and step count) of old layer j, whatever weights it now holds, and
+  layers beyond the old depth start empty;
+- `fresh`: every grown layer starts empty;
+- `copy`: the moments are combined by the same rows as the weights.
+
 - `interpolate` (docs/method.md, section 7): a_j = floor(j N_old / N_new),
   f_j its fractional part, new_j = (1 - alpha f_j) old_{a_j} + alpha f_j old_{a_j + 1}.
   alpha = 0 is the released copy; with N_new a multiple of N_old, the `interp` plan of every
@@ -86,15 +94,15 @@ def grow(
     op: GrowthOperator,
     n_new: int,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-    optimizer_state: str = "fresh",
+    optimizer_state: str = "slot",
     generator: torch.Generator | None = None,
 ) -> torch.optim.Optimizer:
     """Replace `model.layers` by `n_new` grown layers and return a new optimizer over the model.
 
-    Embedding and head parameters keep their moments. Grown layers start with empty moments
-    (`fresh`, the released behaviour) or with the moments combined by the same rows as the
-    weights (`copy`). Fresh layers (row None) come from `model.new_layer()`, which draws from
-    the global torch RNG: seed it (or fork it) around this call for reproducibility.
+    Embedding and head parameters keep their moments; the grown layers' moments follow
+    `optimizer_state` (`slot`, `fresh` or `copy`: see the module docstring). Fresh layers (row
+    None) come from `model.new_layer()`, which draws from the global torch RNG: seed it (or fork
+    it) around this call for reproducibility.
     """
     old = model.layers
     if n_new <= len(old):
@@ -113,6 +121,13 @@ def grow(
         for layer, row in zip(model.layers, rows, strict=True):
             if row is not None:
                 _copy_moments(optimizer, new_optimizer, old, layer, row)
+    elif optimizer_state == "slot":
+        for old_layer, layer in zip(old, model.layers, strict=False):
+            for p_old, p_new in zip(old_layer.parameters(), layer.parameters(), strict=True):
+                if p_old in optimizer.state:
+                    new_optimizer.state[p_new] = optimizer.state[p_old]
+    elif optimizer_state != "fresh":
+        raise ValueError(f"optimizer_state must be slot, fresh or copy, got {optimizer_state!r}")
     return new_optimizer
 
 

@@ -69,12 +69,14 @@ class TrainState:
     eval_loss: float | None = None
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """LR for optimizer step `step` (0-based): linear warmup, then cosine or linear decay."""
-    warmup = round(cfg.warmup * cfg.steps)
+def lr_at(step: int, cfg: TrainConfig, steps: int | None = None) -> float:
+    """LR for optimizer step `step` (0-based) of a schedule over `steps` (default
+    `cfg.steps`): linear warmup, then cosine or linear decay."""
+    steps = cfg.steps if steps is None else steps
+    warmup = round(cfg.warmup * steps)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    progress = (step - warmup) / max(1, steps - warmup)
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1 - progress
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
 
@@ -335,11 +337,17 @@ class Trainer:
         return row
 
     def lr(self, step: int) -> float:
-        """Global schedule, times a linear re-warmup after the last growth if configured."""
-        lr = lr_at(step, self.cfg.train)
-        warm, stage = self.schedule.cfg.rewarmup_steps, self.schedule.stage_at(step)
-        if warm and stage > 0:
-            lr *= min(1.0, (step - self.schedule.starts[stage - 1] + 1) / warm)
+        """One global schedule (the release's); with `schedule.lr_rewind` it starts again at each
+        growth, warmup and decay over the steps that remain (MSG); times a linear re-warmup
+        after the last growth if `schedule.rewarmup_steps` is set."""
+        sched, train, stage = self.schedule.cfg, self.cfg.train, self.schedule.stage_at(step)
+        start = self.schedule.starts[stage - 1] if stage > 0 else 0
+        if sched.lr_rewind:
+            lr = lr_at(step - start, train, train.steps - start)
+        else:
+            lr = lr_at(step, train)
+        if sched.rewarmup_steps and stage > 0:
+            lr *= min(1.0, (step - start + 1) / sched.rewarmup_steps)
         return lr
 
     def train_step(self) -> dict[str, Any]:

@@ -37,7 +37,9 @@ def per_sequence(model, val, count):
             logits, _ = model(batch["input_ids"], plan=[0, 1])
             labels = batch["labels"][0]
             loss = F.cross_entropy(logits[0], labels, reduction="sum", ignore_index=-100)
-            rows.append((loss.item(), int((labels != -100).sum())))
+            scored = labels != -100
+            right = (logits[0].argmax(-1)[scored] == labels[scored]).sum()
+            rows.append((loss.item(), int(scored.sum()), int(right)))
     return np.array(rows, dtype=np.float64)
 
 
@@ -54,6 +56,7 @@ def test_final_evaluation_reads_the_whole_split(kind, gpt_data, bert_data, tmp_p
     assert result["eval_tokens"] == n.sum()
     assert result["eval_loss"] == pytest.approx(mean, rel=1e-6)
     assert result["eval_loss_se"] == pytest.approx(se, rel=1e-4)
+    assert result["eval_accuracy"] == pytest.approx(rows[:, 2].sum() / n.sum(), rel=1e-9)
     if kind == "gpt":
         assert result["eval_tokens"] == val.n_sequences * cfg.data.seq_len
 

@@ -172,3 +172,43 @@ def test_optimizer_state_fresh_and_copy():
     assert torch.allclose(state["exp_avg"], moments[0] / 3 + 2 * moments[1] / 3, atol=1e-8)
     assert state["step"].item() == 1
     assert all(p in copied.state for p in model.layers.parameters())
+
+
+def test_optimizer_state_slot_is_the_releases_slot_model():
+    """`slot` against the release's mechanics, rebuilt here: a model that holds all L layer
+    slots under one AdamW, trained on its first N_old slots, grown by assigning `.data` into
+    the slots (`stack_model`, top slot first). One more identical step must give the same
+    weights and moments, slot by slot."""
+    n_old, n_new = 2, 4
+    model, opt, x = trained("gpt", n_old)
+    slots = tiny("gpt", L)  # the release's model: L slots, the first n_old trained
+    slots.load_state_dict(model.state_dict(), strict=False)  # all but slots n_old..L-1
+    release_opt = build_optimizer(slots, TrainConfig(lr=1e-3))
+    ours_params = dict(model.named_parameters())
+    for name, p in slots.named_parameters():
+        if name in ours_params and ours_params[name] in opt.state:
+            release_opt.state[p] = {k: v.clone() for k, v in opt.state[ours_params[name]].items()}
+    sources = [j * n_old // n_new for j in range(n_new)]  # the release's extend_meta_layer
+    with torch.no_grad():
+        for tgt in reversed(range(n_new)):
+            for src_p, tgt_p in zip(
+                slots.layers[sources[tgt]].parameters(), slots.layers[tgt].parameters(), strict=True
+            ):
+                tgt_p.data = src_p.data.clone()
+
+    opt = do_grow(model, opt, Interpolate(0.0), n_new, "slot")
+    for j in range(n_new):
+        fc = model.layers[j].mlp.fc.weight
+        if j < n_old:
+            assert opt.state[fc]["step"].item() == 1
+        else:
+            assert fc not in opt.state
+    for net, optimizer in ((model, opt), (slots, release_opt)):
+        net.train()
+        _, loss = net(x, x, plan=interp_plan(n_new, L))
+        loss.backward()
+        optimizer.step()
+    for j in range(n_new):
+        for a, b in zip(model.layers[j].parameters(), slots.layers[j].parameters(), strict=True):
+            assert torch.allclose(a, b, atol=1e-7)
+            assert torch.allclose(opt.state[a]["exp_avg"], release_opt.state[b]["exp_avg"])

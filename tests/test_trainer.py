@@ -212,6 +212,17 @@ def test_rewarmup_scales_lr_after_growth(bert_data, tmp_path):
     assert trainer.lr(2) == pytest.approx(lr_at(2, trainer.cfg.train))
 
 
+def test_lr_rewind_restarts_the_schedule_at_each_growth(bert_data, tmp_path):
+    cfg = apollo_cfg(bert_data, tmp_path, schedule={"lr_rewind": True}, warmup=0.25)
+    trainer, peak = Trainer(cfg, progress=False), cfg.train.lr
+    # 12 steps, growths at 3 and 6; warmup is a quarter of the steps each schedule spans
+    assert trainer.lr(2) == pytest.approx(peak)  # stage 0: the global schedule, warmup 3 steps
+    assert trainer.lr(3) == pytest.approx(peak / 2)  # 9 steps left: warmup round(2.25) = 2
+    assert trainer.lr(6) == pytest.approx(peak / 2)  # 6 steps left: warmup round(1.5) = 2
+    assert trainer.lr(7) == pytest.approx(peak)
+    assert trainer.lr(11) == pytest.approx(peak * 0.5 * (1 + math.cos(0.75 * math.pi)))
+
+
 def test_resume_refuses_a_changed_config(bert_data, tmp_path):
     Trainer(make_cfg(bert_data, tmp_path, steps=2), progress=False).fit()
     with pytest.raises(ConfigError, match="different train"):
