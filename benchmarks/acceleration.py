@@ -1,132 +1,584 @@
-"""Apollo against training from scratch and StackBERT-style stacking, at one equal step budget.
+"""Does growth save compute? Apollo's released recipe and the literature's levers against the
+scratch frontier, in a regime where growth could pay, over seeds.
 
-    python -m benchmarks.acceleration                    # BERT and GPT, 12 x 128, 400 steps
-    python -m benchmarks.acceleration --kinds gpt --steps 200
+    python -m benchmarks.acceleration --kind gpt              # the CPU preset, ~90 min here
+    python -m benchmarks.acceleration --kind bert --seeds 3 --arms release stack
+    python -m benchmarks.acceleration --kind gpt --preset gpu # one H100/H200, ~8 min
 
-For each model kind, trains on the demo corpus (same data, batch, budget, optimizer, seed):
-- scratch: the full 12-layer model from step 0 (the baseline);
-- apollo: the released recipe, N = 1, 3, 6, 12 with stages ending at 5%, 10%, 25% of the steps,
-  released LVPS, interpolation plan and growth (alpha = 0), fresh optimizer state;
-- stack: the same stages, each N-layer model trained at its own depth (no sharing), grown by
-  stacking copies (StackBERT).
-Prints a table (final eval loss, FLOPs, FLOPs and wall-time saving to the scratch run's loss),
-and writes benchmarks/results/acceleration.json and acceleration-<kind>.png (loss vs FLOPs).
+Every run trains the same `n_layer`-deep model (width and data per preset) with AdamW and one
+warmup + cosine decay to zero over its own budget; the full budget is `tokens_per_param` tokens
+per non-embedding parameter. The yardstick is the scratch frontier (docs/method.md, section 8):
+from-scratch runs at `frontier` x the budget, each fully decayed. An arm's final held-out loss
+is read against the frontier of its own seed: speedup = the FLOPs scratch needs for that loss /
+the arm's FLOPs (likewise in seconds); over seeds, the geometric mean with a 95% t-interval on
+the logs (apollo_ray.stats). An interval that contains 1 is "no difference".
+
+Arms (depths scaled from the release's 1, 3, 6, 12 to the preset's depth L):
+- release: N = 1, L/4, L/2, L, stages ending at 5/10/25% of the steps, released LVPS, `interp`
+  plan, interpolation (copy) growth, one global LR schedule, AdamW moments kept per layer slot;
+- fresh-moments, copied-moments: the release with grown layers' moments emptied / blended;
+- rewarmup: a linear LR re-warmup after each growth, as long as the first warmup;
+- rewind: the LR schedule starts again at each growth over the steps that remain (MSG);
+- start-L/4, start-L/2: the release without its first stage(s) (G_stack: growth factors up to 4
+  work and a 1-layer start underperforms);
+- stack: the `stack` plan and stacking growth instead of `interp` and interpolation;
+- stages-i: MIDAS-style stage lengths T_i proportional to i (ends at 10/30/60%).
+Three seeds (`--seeds`) for the frontier, the release and the best other arm, which is then also
+run, with the release, at `--small-budget` x the budget; the other arms one seed ("indicative").
+
+Every finished run is kept as one JSON file under benchmarks/results/acceleration/<kind>-<preset>/
+(its configuration hash, losses, cost and curve), so an interrupted benchmark resumes where it
+stopped and a changed setup is never mixed with old runs; a run that was cut off resumes from its
+checkpoint under runs/acceleration/. Writes benchmarks/results/acceleration-<kind>-<preset>.json
+and a plot of every arm against the frontier (.png beside it).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from apollo_ray.acceleration import Curve, compare, plot_loss_vs_flops
-from apollo_ray.config import RunConfig
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from apollo_ray.config import ModelConfig, RunConfig
+from apollo_ray.data.shards import load_manifest, open_split, prepare
+from apollo_ray.frontier import Frontier, FrontierPoint, rank_key
+from apollo_ray.model import TransformerLM
+from apollo_ray.stats import log_interval, paired_log_interval
 from apollo_ray.trainer import Trainer
-from benchmarks.common import RESULTS, print_table, save
-from benchmarks.throughput import demo_data
+from benchmarks.common import RESULTS, machine, print_table
 
-__all__ = ["main", "run_config"]
+__all__ = ["ARMS", "PRESETS", "Preset", "arm_schedules", "main", "unigram_entropy"]
 
-STAGES = {"depths": [1, 3, 6, 12], "stage_ends": [0.05, 0.10, 0.25]}
-METHODS = {
-    "scratch": None,
-    "apollo": {**STAGES, "sampler": "apollo", "plan": "interp", "growth": "interpolate"},
-    "stack": {**STAGES, "sampler": "physical", "plan": "stack", "growth": "stack"},
+
+@dataclass(frozen=True)
+class Preset:
+    """The model, batch and budget of one setup; `steps` follow from `tokens_per_param`."""
+
+    n_layer: int
+    d_model: int
+    n_head: int
+    seq_len: int
+    micro_batch: int
+    lr: float
+    tokens_per_param: float
+    frontier: tuple[float, ...]
+    small_budget: float
+    evals: int = 16  # evaluations per run, besides the final one on the whole validation split
+    eval_batches: int = 4
+    vocab_size: int = 257  # a prepared demo corpus: byte-level (gpt) / character-level (bert)
+    arms: tuple[str, ...] = ()  # default arms; () = all
+
+
+PRESETS = {
+    # 2-core CPU: 8 x 48 (226k non-embedding parameters), 22 tokens per parameter
+    "cpu": Preset(8, 48, 3, 128, 32, 2e-3, 22.0, (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2), 1 / 4),
+    # one H100/H200 in at most 8 minutes: the frontier and the release, one seed
+    "gpu": Preset(8, 64, 4, 128, 64, 2e-3, 22.0, (1 / 4, 1 / 2, 1, 2), 1 / 4, arms=("release",)),
+    # the tests': seconds on a CPU
+    "toy": Preset(8, 16, 2, 32, 8, 3e-3, 2.0, (1 / 2, 1, 2), 1 / 2, evals=4, eval_batches=2),
 }
 
 
-def run_config(kind: str, method: str, out: Path, args: argparse.Namespace) -> RunConfig:
-    return RunConfig.model_validate(
-        {
-            "name": f"{kind}-{method}",
-            "out_dir": str(out / f"{kind}-{method}"),
-            "seed": args.seed,
-            "model": {
-                "kind": kind,
-                "n_layer": 12,
-                "d_model": args.d_model,
-                "n_head": args.d_model // 32,
-                "max_seq_len": args.seq_len,
-                "dropout": 0.1 if kind == "bert" else 0.0,
-            },
-            "data": {"path": str(demo_data(kind)), "seq_len": args.seq_len},
-            "train": {
-                "steps": args.steps,
-                "micro_batch": args.micro_batch,
-                "lr": args.lr,
-                "warmup": 0.025,
-                "eval_every": args.eval_every,
-                "eval_batches": 8,
-                "checkpoint_every": args.steps,
-                "log_every": 10,
-            },
-            "schedule": METHODS[method],
-        }
-    )
+def arm_schedules(n_layer: int, steps: int) -> dict[str, dict[str, Any]]:
+    """The schedule of every arm for depth `n_layer` and a budget of `steps` (see the module
+    docstring); depths are the release's 1, 3, 6, 12 scaled to `n_layer`."""
+    quarter, half = max(1, n_layer // 4), max(1, n_layer // 2)
+    if not 1 < quarter < half < n_layer:
+        raise ValueError(f"the arms need a depth of at least 8 layers, got {n_layer}")
+    release = {
+        "depths": [1, quarter, half, n_layer],
+        "stage_ends": [0.05, 0.10, 0.25],
+        "sampler": "apollo",
+        "plan": "interp",
+        "growth": "interpolate",
+        "alpha": 0.0,
+        "optimizer_state": "slot",
+    }
+    return {
+        "release": release,
+        "fresh-moments": release | {"optimizer_state": "fresh"},
+        "copied-moments": release | {"optimizer_state": "copy"},
+        "rewarmup": release | {"rewarmup_steps": max(1, round(0.025 * steps))},
+        "rewind": release | {"lr_rewind": True},
+        f"start-{quarter}": release
+        | {"depths": [quarter, half, n_layer], "stage_ends": [0.1, 0.25]},
+        f"start-{half}": release | {"depths": [half, n_layer], "stage_ends": [0.25]},
+        "stack": release | {"plan": "stack", "growth": "stack"},
+        "stages-i": release | {"stage_ends": [0.1, 0.3, 0.6]},
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--kinds", nargs="+", choices=["bert", "gpt"], default=["bert", "gpt"])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+ARMS = list(arm_schedules(8, 1000))
 
-    rows, curves_out = [], {}
-    with tempfile.TemporaryDirectory(prefix="apollo-accel-") as out:
-        for kind in args.kinds:
-            curves = {}
-            for method in METHODS:
-                Trainer(run_config(kind, method, Path(out), args)).fit()
-                metrics = Path(out) / f"{kind}-{method}" / "metrics.jsonl"
-                curves[method] = Curve.from_metrics(metrics, name=method)
-                c = curves[method]
-                curves_out[f"{kind}-{method}"] = {
-                    "flops": c.flops.tolist(),
-                    "wall": c.wall.tolist(),
-                    "loss": c.loss.tolist(),
-                }
-            base = curves["scratch"]
-            for method, curve in curves.items():
-                acc = compare(curve, base)
-                rows.append({"model": kind, "method": method, **acc.to_dict()})
-            plot_loss_vs_flops(
-                [curves["apollo"], curves["stack"]],
-                base,
-                RESULTS / f"acceleration-{kind}.png",
-                title=f"{kind.upper()} 12x{args.d_model}, {args.steps} steps, demo corpus",
-            )
-    print_table(
-        [
+
+@dataclass
+class Result:
+    """One finished run: what the benchmark reads, and the curve it plots."""
+
+    arm: str
+    budget: float
+    seed: int
+    steps: int
+    flops: float
+    wall_s: float
+    final_loss: float
+    final_loss_se: float | None
+    accuracy: float
+    key: str
+    machine: dict[str, Any]
+    curve: dict[str, list[float]] = field(default_factory=dict)
+
+
+class Bench:
+    """The runs of one (kind, preset, data), each trained once and cached."""
+
+    def __init__(self, kind: str, preset_name: str, data: Path, seeds: int, quiet: bool) -> None:
+        self.kind, self.preset_name, self.preset = kind, preset_name, PRESETS[preset_name]
+        self.data, self.seeds, self.quiet = data, range(seeds), quiet
+        self.manifest = load_manifest(data)
+        self.cache = RESULTS / "acceleration" / f"{kind}-{preset_name}"
+        self.run_root = Path("runs") / "acceleration" / f"{kind}-{preset_name}"
+        p = self.preset
+        model = ModelConfig(
+            kind=kind,
+            n_layer=p.n_layer,
+            d_model=p.d_model,
+            n_head=p.n_head,
+            max_seq_len=p.seq_len,
+            vocab_size=self.manifest.vocab_size,
+            dropout=0.0,
+        )
+        self.params = sum(q.numel() for q in TransformerLM(model).layers.parameters())
+        self.steps = math.ceil(p.tokens_per_param * self.params / (p.micro_batch * p.seq_len))
+        self.train_tokens = self.manifest.splits["train"].tokens
+        self.entropy = unigram_entropy(data, kind)
+        self.finished: list[Result] = []  # every run read, for the machines they ran on
+
+    def tokens(self, budget: float) -> int:
+        return self.budget_steps(budget) * self.preset.micro_batch * self.preset.seq_len
+
+    def budget_steps(self, budget: float) -> int:
+        return max(1, round(budget * self.steps))
+
+    def config(self, arm: str, budget: float, seed: int) -> RunConfig:
+        p, steps = self.preset, self.budget_steps(budget)
+        schedule = None if arm == "scratch" else arm_schedules(p.n_layer, steps)[arm]
+        name = f"{arm}@{budget:g}-s{seed}"
+        return RunConfig.model_validate(
             {
-                **r,
-                "final eval loss": r["method_final_loss"],
-                "FLOPs": r["method_flops"],
-                "wall s": r["method_wall"],
-                "FLOPs saving": r["flops_saving"],
-                "wall saving": r["wall_saving"],
+                "name": name,
+                "out_dir": str(self.run_root / name),
+                "seed": seed,
+                "model": {
+                    "kind": self.kind,
+                    "n_layer": p.n_layer,
+                    "d_model": p.d_model,
+                    "n_head": p.n_head,
+                    "max_seq_len": p.seq_len,
+                    "dropout": 0.0,
+                },
+                "data": {"path": str(self.data), "seq_len": p.seq_len},
+                "train": {
+                    "steps": steps,
+                    "micro_batch": p.micro_batch,
+                    "lr": p.lr,
+                    "warmup": 0.025,
+                    "eval_every": max(1, steps // p.evals),
+                    "eval_batches": p.eval_batches,
+                    "final_eval_tokens": 10**9,  # the whole validation split
+                    "checkpoint_every": max(1, steps // 4),
+                    "keep_checkpoints": 1,
+                    "log_every": max(1, steps // 100),
+                },
+                "schedule": schedule,
             }
-            for r in rows
-        ],
-        [
-            "model",
-            "method",
-            "final eval loss",
-            "FLOPs",
-            "wall s",
-            "FLOPs saving",
-            "wall saving",
-        ],
+        )
+
+    def run(self, arm: str, budget: float, seed: int) -> Result:
+        """The cached result of (arm, budget, seed), training it first if there is none."""
+        cfg = self.config(arm, budget, seed)
+        key = _key(cfg, self.manifest.model_dump_json())
+        path = self.cache / f"{cfg.name}.json"
+        if path.exists():
+            cached = Result(**json.loads(path.read_text()))
+            if cached.key == key:
+                self.finished.append(cached)
+                return cached
+            print(f"{path.name}: made with another setup; training it again")
+        start = time.perf_counter()
+        state = Trainer(cfg, progress=not self.quiet).fit()
+        rows = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").open()]
+        evals = [r for r in rows if "eval_loss" in r and r.get("event") != "growth"]
+        final = evals[-1]
+        result = Result(
+            arm=arm,
+            budget=budget,
+            seed=seed,
+            steps=cfg.train.steps,
+            flops=float(state.flops),
+            wall_s=state.wall_time,
+            final_loss=final["eval_loss"],
+            final_loss_se=final.get("eval_loss_se"),
+            accuracy=final["eval_accuracy"],
+            key=key,
+            machine=machine(),
+            curve={
+                "flops": [float(r["flops"]) for r in evals],
+                "wall_s": [r["wall_time"] for r in evals],
+                "loss": [r["eval_loss"] for r in evals],
+            },
+        )
+        self.cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(result), indent=1) + "\n")
+        tmp.replace(path)
+        self.finished.append(result)
+        print(
+            f"{cfg.name}: loss {result.final_loss:.4f}, acc {result.accuracy:.3f}, "
+            f"{result.flops:.3e} FLOPs, {result.wall_s:.0f} s training "
+            f"({time.perf_counter() - start:.0f} s in all)",
+            flush=True,
+        )
+        return result
+
+
+def _key(cfg: RunConfig, manifest: str) -> str:
+    """A hash of everything that decides a run's numbers (not where it writes)."""
+    setup = cfg.model_dump(exclude={"out_dir", "name"}) | {"manifest": manifest}
+    return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def unigram_entropy(data: Path, kind: str) -> float:
+    """Entropy (nats) of the train split's token frequencies: the loss of a model that knows
+    only how often each token occurs (for bert, over tokens that are not special)."""
+    manifest = load_manifest(data)
+    counts = sum(
+        np.bincount(shard, minlength=manifest.vocab_size).astype(np.float64)
+        for shard in open_split(data, "train", manifest)
     )
-    path = save("acceleration", {"args": vars(args), "rows": rows, "curves": curves_out})
-    print(f"wrote {path} and {RESULTS}/acceleration-<kind>.png")
+    if kind == "bert":
+        counts[list(manifest.special_ids.values())] = 0
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def demo_data(kind: str, vocab_size: int) -> Path:
+    """The embedded demo corpus, prepared once into data/accel-<kind>-v<vocab>."""
+    path = Path("data") / f"accel-{kind}-v{vocab_size}"
+    if not (path / "manifest.json").exists():
+        prepare(["demo"], path, kind, vocab_size=vocab_size, val_fraction=0.05)
+    return path
+
+
+# --- reading the runs ------------------------------------------------------------------------
+
+
+def frontiers(bench: Bench, seeds: Iterable[int]) -> dict[int, Frontier]:
+    return {
+        s: Frontier(
+            [
+                FrontierPoint(b, r.flops, r.wall_s, r.final_loss)
+                for b in bench.preset.frontier
+                for r in [bench.run("scratch", b, s)]
+            ]
+        )
+        for s in seeds
+    }
+
+
+def summarise(
+    arm: str, budget: float, runs: list[Result], fronts: dict[int, Frontier], bench: Bench
+) -> dict[str, Any]:
+    """One row of the JSON: the arm's runs read against the frontier of each run's seed."""
+    readings = [fronts[r.seed].read(r.final_loss, r.flops, r.wall_s) for r in runs]
+    speed = log_interval([x.speedup for x in readings])
+    wall = log_interval([x.wall_speedup for x in readings])
+    tokens = bench.tokens(budget)
+    return {
+        "arm": arm,
+        "budget": budget,
+        "seeds": [r.seed for r in runs],
+        "indicative": len(runs) < 3,
+        "steps": runs[0].steps,
+        "flops": [r.flops for r in runs],
+        "wall_s": [r.wall_s for r in runs],
+        "final_loss": [r.final_loss for r in runs],
+        "final_loss_se": [r.final_loss_se for r in runs],
+        "accuracy": [r.accuracy for r in runs],
+        "speedup": [x.speedup for x in readings],
+        "bound": [x.bound for x in readings],
+        "speedup_mean": speed.mean,
+        "speedup_ci95": [speed.low, speed.high],
+        "wall_speedup": [x.wall_speedup for x in readings],
+        "wall_speedup_mean": wall.mean,
+        "wall_speedup_ci95": [wall.low, wall.high],
+        "tokens_per_param": tokens / bench.params,
+        "epochs": tokens / bench.train_tokens,
+        "unigram_entropy": bench.entropy,
+    }
+
+
+def plot(
+    bench: Bench, frontier_rows: list[dict], arm_rows: list[dict], path: Path, title: str
+) -> Path:
+    """Final loss against FLOPs (log): the mean frontier, and per arm its curve (first seed) with
+    every seed's end point."""
+    fig = Figure(figsize=(8, 5.2), dpi=150, layout="constrained")
+    ax = fig.add_subplot()
+    xs = [statistics.fmean(r["flops"]) for r in frontier_rows]
+    ys = [statistics.fmean(r["final_loss"]) for r in frontier_rows]
+    ax.plot(xs, ys, "s-", color="black", linewidth=2, label="scratch frontier (mean)", zorder=5)
+    for r in frontier_rows:
+        x = statistics.fmean(r["flops"])
+        ax.plot([x] * len(r["final_loss"]), r["final_loss"], ".", color="0.4", zorder=4)
+        at = (x, statistics.fmean(r["final_loss"]))
+        ax.annotate(f"{r['budget']:g}x", at, fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for i, r in enumerate(arm_rows):
+        color = colormaps["tab20"](i % 20)
+        curve = bench.run(r["arm"], r["budget"], r["seeds"][0]).curve
+        label = f"{r['arm']} @{r['budget']:g}x: {r['speedup_mean']:.2f}x"
+        ax.plot(curve["flops"], curve["loss"], "-", color=color, linewidth=1, alpha=0.7)
+        ax.plot(r["flops"], r["final_loss"], "o", color=color, markersize=4, label=label)
+    ax.set_xscale("log")
+    low = min(ys + [v for r in arm_rows for v in r["final_loss"]])
+    high = max(ys)
+    ax.set_ylim(low - 0.15 * (high - low), high + 0.6 * (high - low))
+    ax.set_xlabel("training compute (FLOPs, log scale)")
+    ax.set_ylabel("eval loss (final: whole validation split)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    fig.savefig(path)
+    return path
+
+
+def frontier_row(bench: Bench, budget: float, runs: list[Result]) -> dict[str, Any]:
+    tokens = bench.tokens(budget)
+    return {
+        "budget": budget,
+        "seeds": [r.seed for r in runs],
+        "steps": runs[0].steps,
+        "flops": [r.flops for r in runs],
+        "wall_s": [r.wall_s for r in runs],
+        "final_loss": [r.final_loss for r in runs],
+        "final_loss_se": [r.final_loss_se for r in runs],
+        "accuracy": [r.accuracy for r in runs],
+        "tokens_per_param": tokens / bench.params,
+        "epochs": tokens / bench.train_tokens,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.acceleration",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--kind", choices=["gpt", "bert"], required=True)
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    parser.add_argument(
+        "--data", type=Path, help="prepared data (default: the demo corpus, prepared on first use)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="seeds of the frontier and headline arms (3)"
+    )
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=ARMS,
+        metavar="ARM",
+        help=f"arms besides scratch (default: the preset's, or all: {' '.join(ARMS)})",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar per run")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    data = args.data or demo_data(args.kind, preset.vocab_size)
+    bench = Bench(args.kind, args.preset, data, args.seeds, args.quiet)
+    arms = args.arms or list(preset.arms) or list(arm_schedules(preset.n_layer, bench.steps))
+    arms = [a for a in arm_schedules(preset.n_layer, bench.steps) if a in arms]  # scaled names
+    entropy = bench.entropy
+    seeds = list(range(args.seeds))
+    full_tokens = bench.tokens(1.0)
+    print(
+        f"{args.kind} {preset.n_layer} x {preset.d_model}: {bench.params:,} non-embedding "
+        f"parameters; full budget {bench.steps} steps = {full_tokens:,} tokens = "
+        f"{full_tokens / bench.params:.1f} tokens/parameter = "
+        f"{full_tokens / bench.train_tokens:.2f} epochs of {data} "
+        f"({bench.train_tokens:,} train tokens); unigram entropy {entropy:.3f} nats",
+        flush=True,
+    )
+
+    # cheapest useful order: one seed of everything, then the headline arms' other seeds
+    fronts = frontiers(bench, seeds[:1])
+    for arm in arms:
+        bench.run(arm, 1.0, 0)
+    fronts = frontiers(bench, seeds)
+    first = {a: summarise(a, 1.0, [bench.run(a, 1.0, 0)], fronts, bench) for a in arms}
+    others = [a for a in arms if a != "release"]
+    best = min(
+        others,
+        key=lambda a: rank_key(
+            first[a]["bound"][0],
+            first[a]["final_loss"][0],
+            first[a]["flops"][0],
+            first[a]["speedup"][0],
+        ),
+        default=None,
+    )
+    headline = [a for a in ("release", best) if a in arms and a is not None]
+    rows = []
+    for arm in arms:
+        n = seeds if arm in headline else seeds[:1]
+        rows.append(summarise(arm, 1.0, [bench.run(arm, 1.0, s) for s in n], fronts, bench))
+    for arm in headline:
+        runs = [bench.run(arm, preset.small_budget, s) for s in seeds]
+        rows.append(summarise(arm, preset.small_budget, runs, fronts, bench))
+
+    frontier_rows = [
+        frontier_row(bench, b, [bench.run("scratch", b, s) for s in seeds]) for b in preset.frontier
+    ]
+    scratch = next(r for r in frontier_rows if r["budget"] == 1)
+    scratch_loss = statistics.fmean(scratch["final_loss"])
+    plateau = scratch_loss > 0.8 * entropy
+    comparisons = []
+    if best is not None and "release" in headline and len(seeds) > 1:
+        by = {(r["arm"], r["budget"]): r for r in rows}
+        for budget in (1.0, preset.small_budget):
+            a, b = by[(best, budget)], by[("release", budget)]
+            ratio = paired_log_interval(a["speedup"], b["speedup"])
+            comparisons.append(
+                {
+                    "arms": [best, "release"],
+                    "budget": budget,
+                    "speedup_ratio_mean": ratio.mean,
+                    "speedup_ratio_ci95": [ratio.low, ratio.high],
+                }
+            )
+    title = (
+        f"{args.kind.upper()} {preset.n_layer}x{preset.d_model}, "
+        f"{full_tokens / bench.params:.0f} tokens/param, "
+        f"{full_tokens / bench.train_tokens:.1f} epochs; unigram entropy {entropy:.2f}"
+    )
+    stem = f"acceleration-{args.kind}-{args.preset}"
+    figure = plot(bench, frontier_rows, rows, RESULTS / f"{stem}.png", title)
+    _print(frontier_rows, rows, comparisons)
+    answer = _answer(rows, plateau, scratch_loss, entropy)
+    print(answer)
+    payload = {
+        "machine": machine(),
+        "kind": args.kind,
+        "preset": {"name": args.preset, **asdict(preset)},
+        "data": {
+            "path": str(data),
+            "sources": bench.manifest.sources,
+            "vocab_size": bench.manifest.vocab_size,
+            "train_tokens": bench.train_tokens,
+        },
+        "run_machines": sorted(
+            {r.machine["cpu"] + " / " + str(r.machine["gpu"]) for r in bench.finished}
+        ),
+        "regime": {
+            "nonembedding_params": bench.params,
+            "steps": bench.steps,
+            "tokens_per_param": full_tokens / bench.params,
+            "epochs": full_tokens / bench.train_tokens,
+            "unigram_entropy": entropy,
+            "scratch_final_loss": scratch_loss,
+            "on_unigram_plateau": plateau,
+        },
+        "frontier": frontier_rows,
+        "arms": rows,
+        "best_other_arm": best,
+        "comparisons": comparisons,
+        "answer": answer,
+    }
+    path = RESULTS / f"{stem}.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path} and {figure}")
+
+
+def _ci(row: dict[str, Any], key: str) -> str:
+    low, high = row[f"{key}_ci95"]
+    mean = row[f"{key}_mean"]
+    bounds = {b for b in row.get("bound", []) if b}
+    mark = {"lower": ">=", "upper": "<="}.get(next(iter(bounds)), "") if bounds else ""
+    return f"{mark}{mean:.3f}" if low is None else f"{mark}{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _print(frontier_rows: list[dict], rows: list[dict], comparisons: list[dict]) -> None:
+    def loss(r: dict) -> str:
+        values = r["final_loss"]
+        sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        return f"{statistics.fmean(values):.4f}{sd}"
+
+    table = [
+        {
+            "run": f"scratch @{r['budget']:g}x",
+            "seeds": len(r["seeds"]),
+            "tok/param": r["tokens_per_param"],
+            "final loss": loss(r),
+            "accuracy": statistics.fmean(r["accuracy"]),
+            "FLOPs": statistics.fmean(r["flops"]),
+            "speedup [95% CI]": "frontier",
+        }
+        for r in frontier_rows
+    ]
+    table += [
+        {
+            "run": f"{r['arm']} @{r['budget']:g}x",
+            "seeds": len(r["seeds"]),
+            "tok/param": r["tokens_per_param"],
+            "final loss": loss(r),
+            "accuracy": statistics.fmean(r["accuracy"]),
+            "FLOPs": statistics.fmean(r["flops"]),
+            "speedup [95% CI]": _ci(r, "speedup"),
+            "wall speedup": _ci(r, "wall_speedup"),
+            "note": "indicative (1 seed)" if r["indicative"] else "",
+        }
+        for r in rows
+    ]
+    columns = ["run", "seeds", "tok/param", "final loss", "accuracy", "FLOPs"]
+    print_table(table, [*columns, "speedup [95% CI]", "wall speedup", "note"])
+    for c in comparisons:
+        low, high = c["speedup_ratio_ci95"]
+        print(
+            f"{c['arms'][0]} / {c['arms'][1]} at {c['budget']:g}x: speedup ratio "
+            f"{c['speedup_ratio_mean']:.3f} [{low:.3f}, {high:.3f}] (paired by seed)"
+        )
+
+
+def _answer(rows: list[dict], plateau: bool, scratch_loss: float, entropy: float) -> str:
+    """What the numbers say, in words: per headline arm, its speedup and whether it differs
+    from 1."""
+    if plateau:
+        return (
+            f"No saving reported: scratch's final loss {scratch_loss:.3f} is not well below the "
+            f"unigram entropy {entropy:.3f} (the model has not left the unigram plateau)."
+        )
+    parts = []
+    for r in rows:
+        low, high = r["speedup_ci95"]
+        if low is None:
+            parts.append(f"{r['arm']} at {r['budget']:g}x: speedup {_ci(r, 'speedup')} (1 seed)")
+            continue
+        verdict = (
+            "no difference from scratch"
+            if low <= 1 <= high
+            else ("saves compute" if low > 1 else "costs compute")
+        )
+        parts.append(f"{r['arm']} at {r['budget']:g}x: speedup {_ci(r, 'speedup')}, {verdict}")
+    return "; ".join(parts) + "."
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""The acceleration benchmark at toy size: its JSON holds the fields the issue names, the
+arms are the levers they say they are, and finished runs are reused, not trained again."""
+
+import json
+
+import pytest
+
+import benchmarks.acceleration as accel
+from apollo_ray.config import RunConfig
+
+
+def test_arms_scale_the_released_recipe_and_vary_one_lever_each():
+    arms = accel.arm_schedules(8, 1000)
+    release = arms["release"]
+    assert release["depths"] == [1, 2, 4, 8] and release["stage_ends"] == [0.05, 0.10, 0.25]
+    assert release["optimizer_state"] == "slot" and release["plan"] == "interp"
+    assert arms["start-2"]["depths"] == [2, 4, 8] and arms["start-4"]["depths"] == [4, 8]
+    assert arms["rewarmup"]["rewarmup_steps"] == 25  # as long as the first warmup (2.5%)
+    for name, schedule in arms.items():
+        changed = {k for k in schedule.keys() | release.keys() if schedule.get(k) != release.get(k)}
+        assert name == "release" or 1 <= len(changed) <= 2, (name, changed)
+        RunConfig.model_validate(  # each is a valid schedule for an 8-layer run
+            {
+                "name": name,
+                "model": {"kind": "gpt", "n_layer": 8},
+                "data": {"path": "x"},
+                "schedule": schedule,
+            }
+        )
+    with pytest.raises(ValueError, match="at least 8 layers"):
+        accel.arm_schedules(4, 1000)
+
+
+@pytest.mark.slow  # trains 10 toy runs (~30 s)
+def test_benchmark_writes_every_field_and_resumes_from_its_cache(
+    gpt_data, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(accel, "RESULTS", tmp_path / "results")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--kind", "gpt", "--preset", "toy", "--data", str(gpt_data), "--seeds", "2"]
+    accel.main([*argv, "--arms", "release", "rewind", "--quiet"])
+    out = json.loads((tmp_path / "results" / "acceleration-gpt-toy.json").read_text())
+    regime = out["regime"]
+    assert regime["tokens_per_param"] >= 2 and regime["unigram_entropy"] > 0
+    assert [r["budget"] for r in out["frontier"]] == list(accel.PRESETS["toy"].frontier)
+    rows = {(r["arm"], r["budget"]): r for r in out["arms"]}
+    assert set(rows) == {("release", 1), ("rewind", 1), ("release", 0.5), ("rewind", 0.5)}
+    for row in rows.values():
+        for key in (
+            "seeds",
+            "flops",
+            "wall_s",
+            "final_loss",
+            "speedup_mean",
+            "speedup_ci95",
+            "wall_speedup_mean",
+            "tokens_per_param",
+            "epochs",
+            "unigram_entropy",
+        ):
+            assert key in row, key
+        assert len(row["final_loss"]) == len(row["seeds"]) == 2
+        assert row["speedup_ci95"][0] <= row["speedup_mean"] <= row["speedup_ci95"][1]
+    assert out["best_other_arm"] == "rewind" and out["comparisons"]
+    assert (tmp_path / "results" / "acceleration-gpt-toy.png").stat().st_size > 10_000
+    cached = sorted((tmp_path / "results" / "acceleration" / "gpt-toy").glob("*.json"))
+    assert len(cached) == 6 + 8  # frontier: 3 budgets x 2 seeds; 2 arms x 2 budgets x 2 seeds
+    capsys.readouterr()
+
+    accel.main([*argv, "--arms", "release", "rewind", "--quiet"])  # everything is cached
+    assert "s training" not in capsys.readouterr().out
+    assert (
+        json.loads((tmp_path / "results" / "acceleration-gpt-toy.json").read_text())["arms"]
+        == out["arms"]
+    )
