@@ -23,8 +23,9 @@ Arms (depths scaled from the release's 1, 3, 6, 12 to the preset's depth L):
   work and a 1-layer start underperforms);
 - stack: the `stack` plan and stacking growth instead of `interp` and interpolation;
 - stages-i: MIDAS-style stage lengths T_i proportional to i (ends at 10/30/60%).
-Three seeds (`--seeds`) for the frontier, the release and the best other arm, which is then also
-run, with the release, at `--small-budget` x the budget; the other arms one seed ("indicative").
+The frontier, the release and the best other arm get the preset's seeds (`--seeds`; 3 on the
+CPU, 1 on the GPU); the best other arm and the release also run at the preset's small budget
+(1/4); the other arms one seed ("indicative").
 
 Every finished run is kept as one JSON file under benchmarks/results/acceleration/<kind>-<preset>/
 (its configuration hash, losses, cost and curve), so an interrupted benchmark resumes where it
@@ -39,6 +40,7 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Iterable
@@ -50,7 +52,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from apollo_ray.config import ModelConfig, RunConfig
+from apollo_ray.config import ModelConfig, RunConfig, load_run_config
 from apollo_ray.data.shards import load_manifest, open_split, prepare
 from apollo_ray.frontier import Frontier, FrontierPoint, rank_key
 from apollo_ray.model import TransformerLM
@@ -76,17 +78,34 @@ class Preset:
     small_budget: float
     evals: int = 16  # evaluations per run, besides the final one on the whole validation split
     eval_batches: int = 4
-    vocab_size: int = 257  # a prepared demo corpus: byte-level (gpt) / character-level (bert)
+    vocab_size: int = 257  # byte-level (gpt) / character-level (bert) tokens
+    sources: tuple[str, ...] = ("demo",)  # the corpora prepared when --data is not given
+    seeds: int = 3  # of the frontier and the headline arms
     arms: tuple[str, ...] = ()  # default arms; () = all
 
 
 PRESETS = {
     # 2-core CPU: 8 x 48 (226k non-embedding parameters), 22 tokens per parameter
     "cpu": Preset(8, 48, 3, 128, 32, 2e-3, 22.0, (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2), 1 / 4),
-    # one H100/H200 in at most 8 minutes: the frontier and the release, one seed
-    "gpu": Preset(8, 64, 4, 128, 64, 2e-3, 22.0, (1 / 4, 1 / 2, 1, 2), 1 / 4, arms=("release",)),
+    # one H100/H200 in at most 8 minutes: the frontier and the release, one seed (--seeds 1),
+    # on both embedded corpora (14M train tokens): 8 x 160 (2.5M non-embedding parameters) is
+    # the widest that 20 tokens per parameter keep within 4 epochs (3.5)
+    "gpu": Preset(
+        8,
+        160,
+        5,
+        256,
+        128,
+        2e-3,
+        20.0,
+        (1 / 4, 1 / 2, 1, 2),
+        1 / 4,
+        sources=("demo", "sotu"),
+        seeds=1,
+        arms=("release",),
+    ),
     # the tests': seconds on a CPU
-    "toy": Preset(8, 16, 2, 32, 8, 3e-3, 2.0, (1 / 2, 1, 2), 1 / 2, evals=4, eval_batches=2),
+    "toy": Preset(8, 16, 2, 32, 8, 3e-3, 1.0, (1 / 2, 1, 2), 1 / 2, evals=4, eval_batches=2),
 }
 
 
@@ -163,6 +182,7 @@ class Bench:
         self.steps = math.ceil(p.tokens_per_param * self.params / (p.micro_batch * p.seq_len))
         self.train_tokens = self.manifest.splits["train"].tokens
         self.entropy = unigram_entropy(data, kind)
+        self.searched: dict[str, Any] | None = None  # the schedule of `--searched`
         self.finished: list[Result] = []  # every run read, for the machines they ran on
 
     def tokens(self, budget: float) -> int:
@@ -173,7 +193,12 @@ class Bench:
 
     def config(self, arm: str, budget: float, seed: int) -> RunConfig:
         p, steps = self.preset, self.budget_steps(budget)
-        schedule = None if arm == "scratch" else arm_schedules(p.n_layer, steps)[arm]
+        if arm == "scratch":
+            schedule = None
+        elif arm == "searched":
+            schedule = self.searched
+        else:
+            schedule = arm_schedules(p.n_layer, steps)[arm]
         name = f"{arm}@{budget:g}-s{seed}"
         return RunConfig.model_validate(
             {
@@ -216,6 +241,9 @@ class Bench:
                 self.finished.append(cached)
                 return cached
             print(f"{path.name}: made with another setup; training it again")
+        saved = cfg.output_dir / "config.json"
+        if saved.exists() and saved.read_text() != cfg.model_dump_json(indent=2):
+            shutil.rmtree(cfg.output_dir)  # a cut-off run of another setup: not resumable
         start = time.perf_counter()
         state = Trainer(cfg, progress=not self.quiet).fit()
         rows = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").open()]
@@ -273,12 +301,29 @@ def unigram_entropy(data: Path, kind: str) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def demo_data(kind: str, vocab_size: int) -> Path:
-    """The embedded demo corpus, prepared once into data/accel-<kind>-v<vocab>."""
-    path = Path("data") / f"accel-{kind}-v{vocab_size}"
+def embedded_data(kind: str, preset: Preset) -> Path:
+    """The preset's embedded corpora, prepared once into data/accel-<kind>-v<vocab>[-<sources>]
+    (no suffix for the demo corpus alone)."""
+    suffix = "" if preset.sources == ("demo",) else "-" + "-".join(preset.sources)
+    path = Path("data") / f"accel-{kind}-v{preset.vocab_size}{suffix}"
     if not (path / "manifest.json").exists():
-        prepare(["demo"], path, kind, vocab_size=vocab_size, val_fraction=0.05)
+        prepare(list(preset.sources), path, kind, vocab_size=preset.vocab_size, val_fraction=0.05)
     return path
+
+
+def searched_schedule(path: Path, bench: Bench) -> dict[str, Any]:
+    """The schedule of a search's best.yaml, once its model and budget are the benchmark's."""
+    cfg = load_run_config(path)
+    p, m = bench.preset, cfg.model
+    ours = (bench.kind, p.n_layer, p.d_model, p.seq_len, bench.steps, p.lr)
+    theirs = (m.kind, m.n_layer, m.d_model, cfg.data.seq_len, cfg.train.steps, cfg.train.lr)
+    if ours != theirs or cfg.schedule is None:
+        raise SystemExit(
+            f"{path}: searched for another setup (kind, layers, width, seq_len, steps, lr = "
+            f"{theirs}, schedule {'none' if cfg.schedule is None else 'set'}); this benchmark "
+            f"runs {ours}"
+        )
+    return cfg.schedule.model_dump()
 
 
 # --- reading the runs ------------------------------------------------------------------------
@@ -388,10 +433,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kind", choices=["gpt", "bert"], required=True)
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
     parser.add_argument(
-        "--data", type=Path, help="prepared data (default: the demo corpus, prepared on first use)"
+        "--data",
+        type=Path,
+        help="prepared data (default: the preset's embedded corpora, prepared on first use)",
     )
     parser.add_argument(
-        "--seeds", type=int, default=3, help="seeds of the frontier and headline arms (3)"
+        "--seeds", type=int, help="seeds of the frontier and headline arms (default: the preset's)"
     )
     parser.add_argument(
         "--arms",
@@ -400,15 +447,31 @@ def main(argv: list[str] | None = None) -> None:
         metavar="ARM",
         help=f"arms besides scratch (default: the preset's, or all: {' '.join(ARMS)})",
     )
+    parser.add_argument(
+        "--searched",
+        type=Path,
+        metavar="BEST_YAML",
+        help="also run the schedule a search found (its best.yaml, e.g. from "
+        "search_spaces/accel-gpt.yaml) with every seed, and compare it with the release",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar per run")
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="prepare the preset's data, train nothing"
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    data = args.data or demo_data(args.kind, preset.vocab_size)
-    bench = Bench(args.kind, args.preset, data, args.seeds, args.quiet)
+    data = args.data or embedded_data(args.kind, preset)
+    if args.prepare_only:
+        print(f"prepared {data}")
+        return
+    bench = Bench(args.kind, args.preset, data, args.seeds or preset.seeds, args.quiet)
     arms = args.arms or list(preset.arms) or list(arm_schedules(preset.n_layer, bench.steps))
     arms = [a for a in arm_schedules(preset.n_layer, bench.steps) if a in arms]  # scaled names
+    if args.searched:
+        bench.searched = searched_schedule(args.searched, bench)
+        arms.append("searched")
     entropy = bench.entropy
-    seeds = list(range(args.seeds))
+    seeds = list(bench.seeds)
     full_tokens = bench.tokens(1.0)
     print(
         f"{args.kind} {preset.n_layer} x {preset.d_model}: {bench.params:,} non-embedding "
@@ -425,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         bench.run(arm, 1.0, 0)
     fronts = frontiers(bench, seeds)
     first = {a: summarise(a, 1.0, [bench.run(a, 1.0, 0)], fronts, bench) for a in arms}
-    others = [a for a in arms if a != "release"]
+    others = [a for a in arms if a not in ("release", "searched")]
     best = min(
         others,
         key=lambda a: rank_key(
@@ -436,12 +499,12 @@ def main(argv: list[str] | None = None) -> None:
         ),
         default=None,
     )
-    headline = [a for a in ("release", best) if a in arms and a is not None]
+    headline = [a for a in ("release", best, "searched") if a in arms and a is not None]
     rows = []
     for arm in arms:
         n = seeds if arm in headline else seeds[:1]
         rows.append(summarise(arm, 1.0, [bench.run(arm, 1.0, s) for s in n], fronts, bench))
-    for arm in headline:
+    for arm in [a for a in headline if a != "searched"]:
         runs = [bench.run(arm, preset.small_budget, s) for s in seeds]
         rows.append(summarise(arm, preset.small_budget, runs, fronts, bench))
 
@@ -452,14 +515,15 @@ def main(argv: list[str] | None = None) -> None:
     scratch_loss = statistics.fmean(scratch["final_loss"])
     plateau = scratch_loss > 0.8 * entropy
     comparisons = []
-    if best is not None and "release" in headline and len(seeds) > 1:
-        by = {(r["arm"], r["budget"]): r for r in rows}
-        for budget in (1.0, preset.small_budget):
-            a, b = by[(best, budget)], by[("release", budget)]
+    by = {(r["arm"], r["budget"]): r for r in rows}
+    pairs = [(best, 1.0), (best, preset.small_budget), ("searched", 1.0)]
+    for arm, budget in pairs:
+        if ("release", budget) in by and (arm, budget) in by and len(seeds) > 1:
+            a, b = by[(arm, budget)], by[("release", budget)]
             ratio = paired_log_interval(a["speedup"], b["speedup"])
             comparisons.append(
                 {
-                    "arms": [best, "release"],
+                    "arms": [arm, "release"],
                     "budget": budget,
                     "speedup_ratio_mean": ratio.mean,
                     "speedup_ratio_ci95": [ratio.low, ratio.high],

