@@ -349,18 +349,10 @@ def summarise(
     readings = [fronts[r.seed].read(r.final_loss, r.flops, r.wall_s) for r in runs]
     speed = log_interval([x.speedup for x in readings])
     wall = log_interval([x.wall_speedup for x in readings])
-    tokens = bench.tokens(budget)
     return {
         "arm": arm,
-        "budget": budget,
-        "seeds": [r.seed for r in runs],
+        **frontier_row(bench, budget, runs),
         "indicative": len(runs) < 3,
-        "steps": runs[0].steps,
-        "flops": [r.flops for r in runs],
-        "wall_s": [r.wall_s for r in runs],
-        "final_loss": [r.final_loss for r in runs],
-        "final_loss_se": [r.final_loss_se for r in runs],
-        "accuracy": [r.accuracy for r in runs],
         "speedup": [x.speedup for x in readings],
         "bound": [x.bound for x in readings],
         "speedup_mean": speed.mean,
@@ -368,8 +360,6 @@ def summarise(
         "wall_speedup": [x.wall_speedup for x in readings],
         "wall_speedup_mean": wall.mean,
         "wall_speedup_ci95": [wall.low, wall.high],
-        "tokens_per_param": tokens / bench.params,
-        "epochs": tokens / bench.train_tokens,
         "unigram_entropy": bench.entropy,
     }
 
@@ -409,6 +399,7 @@ def plot(
 
 
 def frontier_row(bench: Bench, budget: float, runs: list[Result]) -> dict[str, Any]:
+    """The runs of one budget: per seed its cost, final loss and accuracy; and the regime."""
     tokens = bench.tokens(budget)
     return {
         "budget": budget,
@@ -581,37 +572,23 @@ def _ci(row: dict[str, Any], key: str) -> str:
 
 
 def _print(frontier_rows: list[dict], rows: list[dict], comparisons: list[dict]) -> None:
-    def loss(r: dict) -> str:
+    def line(r: dict) -> dict[str, object]:
         values = r["final_loss"]
         sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-        return f"{statistics.fmean(values):.4f}{sd}"
+        arm = r.get("arm", "scratch")
+        return {
+            "run": f"{arm} @{r['budget']:g}x",
+            "seeds": len(r["seeds"]),
+            "tok/param": r["tokens_per_param"],
+            "final loss": f"{statistics.fmean(values):.4f}{sd}",
+            "accuracy": statistics.fmean(r["accuracy"]),
+            "FLOPs": statistics.fmean(r["flops"]),
+            "speedup [95% CI]": _ci(r, "speedup") if "arm" in r else "frontier",
+            "wall speedup": _ci(r, "wall_speedup") if "arm" in r else None,
+            "note": "indicative (1 seed)" if r.get("indicative") else "",
+        }
 
-    table = [
-        {
-            "run": f"scratch @{r['budget']:g}x",
-            "seeds": len(r["seeds"]),
-            "tok/param": r["tokens_per_param"],
-            "final loss": loss(r),
-            "accuracy": statistics.fmean(r["accuracy"]),
-            "FLOPs": statistics.fmean(r["flops"]),
-            "speedup [95% CI]": "frontier",
-        }
-        for r in frontier_rows
-    ]
-    table += [
-        {
-            "run": f"{r['arm']} @{r['budget']:g}x",
-            "seeds": len(r["seeds"]),
-            "tok/param": r["tokens_per_param"],
-            "final loss": loss(r),
-            "accuracy": statistics.fmean(r["accuracy"]),
-            "FLOPs": statistics.fmean(r["flops"]),
-            "speedup [95% CI]": _ci(r, "speedup"),
-            "wall speedup": _ci(r, "wall_speedup"),
-            "note": "indicative (1 seed)" if r["indicative"] else "",
-        }
-        for r in rows
-    ]
+    table = [line(r) for r in [*frontier_rows, *rows]]
     columns = ["run", "seeds", "tok/param", "final loss", "accuracy", "FLOPs"]
     print_table(table, [*columns, "speedup [95% CI]", "wall speedup", "note"])
     for c in comparisons:
