@@ -183,7 +183,7 @@ class Bench:
         self.train_tokens = self.manifest.splits["train"].tokens
         self.entropy = unigram_entropy(data, kind)
         self.searched: dict[str, Any] | None = None  # the schedule of `--searched`
-        self.finished: list[Result] = []  # every run read, for the machines they ran on
+        self.finished: dict[str, Result] = {}  # by run name: each file read or run trained once
 
     def tokens(self, budget: float) -> int:
         return self.budget_steps(budget) * self.preset.micro_batch * self.preset.seq_len
@@ -233,12 +233,14 @@ class Bench:
     def run(self, arm: str, budget: float, seed: int) -> Result:
         """The cached result of (arm, budget, seed), training it first if there is none."""
         cfg = self.config(arm, budget, seed)
+        if cfg.name in self.finished:
+            return self.finished[cfg.name]
         key = _key(cfg, self.manifest.model_dump_json())
         path = self.cache / f"{cfg.name}.json"
         if path.exists():
             cached = Result(**json.loads(path.read_text()))
             if cached.key == key:
-                self.finished.append(cached)
+                self.finished[cfg.name] = cached
                 return cached
             print(f"{path.name}: made with another setup; training it again")
         saved = cfg.output_dir / "config.json"
@@ -271,7 +273,7 @@ class Bench:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(result), indent=1) + "\n")
         tmp.replace(path)
-        self.finished.append(result)
+        self.finished[cfg.name] = result
         print(
             f"{cfg.name}: loss {result.final_loss:.4f}, acc {result.accuracy:.3f}, "
             f"{result.flops:.3e} FLOPs, {result.wall_s:.0f} s training "
@@ -474,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # cheapest useful order: one seed of everything, then the headline arms' other seeds
-    fronts = frontiers(bench, seeds[:1])
+    frontiers(bench, seeds[:1])
     for arm in arms:
         bench.run(arm, 1.0, 0)
     fronts = frontiers(bench, seeds)
@@ -541,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
             "train_tokens": bench.train_tokens,
         },
         "run_machines": sorted(
-            {r.machine["cpu"] + " / " + str(r.machine["gpu"]) for r in bench.finished}
+            {r.machine["cpu"] + " / " + str(r.machine["gpu"]) for r in bench.finished.values()}
         ),
         "regime": {
             "nonembedding_params": bench.params,
