@@ -4,6 +4,7 @@ arms are the levers they say they are, and finished runs are reused, not trained
 import json
 
 import pytest
+import yaml
 
 import benchmarks.acceleration as accel
 from apollo_ray.config import RunConfig
@@ -31,7 +32,7 @@ def test_arms_scale_the_released_recipe_and_vary_one_lever_each():
         accel.arm_schedules(4, 1000)
 
 
-@pytest.mark.slow  # trains 10 toy runs (~30 s)
+@pytest.mark.slow  # trains 16 toy runs (~35 s)
 def test_benchmark_writes_every_field_and_resumes_from_its_cache(
     gpt_data, tmp_path, monkeypatch, capsys
 ):
@@ -73,3 +74,20 @@ def test_benchmark_writes_every_field_and_resumes_from_its_cache(
         json.loads((tmp_path / "results" / "acceleration-gpt-toy.json").read_text())["arms"]
         == out["arms"]
     )
+
+    # a search's best.yaml for this setup: its schedule runs with every seed, paired with the
+    # release; one searched for another setup is refused, naming both
+    bench = accel.Bench("gpt", "toy", gpt_data, 2, quiet=True)
+    best = bench.config("release", 1.0, 0).model_dump(mode="json", exclude={"out_dir"})
+    best["schedule"] |= {"depths": [4, 8], "stage_ends": [0.3]}
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump(best))
+    accel.main([*argv, "--arms", "release", "--searched", str(tmp_path / "best.yaml"), "--quiet"])
+    assert capsys.readouterr().out.count("s training") == 2  # searched@1, seeds 0 and 1
+    out = json.loads((tmp_path / "results" / "acceleration-gpt-toy.json").read_text())
+    searched = next(r for r in out["arms"] if r["arm"] == "searched")
+    assert searched["seeds"] == [0, 1]
+    assert any(c["arms"] == ["searched", "release"] for c in out["comparisons"])
+    best["train"]["lr"] = 1e-2
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(best))
+    with pytest.raises(SystemExit, match="searched for another setup"):
+        accel.main([*argv, "--searched", str(tmp_path / "other.yaml"), "--quiet"])
