@@ -25,7 +25,9 @@ Arms (depths scaled from the release's 1, 3, 6, 12 to the preset's depth L):
 - stages-i: MIDAS-style stage lengths T_i proportional to i (ends at 10/30/60%).
 The frontier, the release and the best other arm get the preset's seeds (`--seeds`; 3 on the
 CPU, 1 on the GPU); the best other arm and the release also run at the preset's small budget
-(1/4); the other arms one seed ("indicative").
+(1/4); the other arms one seed ("indicative"). A searched schedule (`--searched`) runs with
+every seed and is also checked against scratch trained at its own compute (fully decayed, no
+reading between frontier budgets).
 
 Every finished run is kept as one JSON file under benchmarks/results/acceleration/<kind>-<preset>/
 (its configuration hash, losses, cost and curve), so an interrupted benchmark resumes where it
@@ -440,6 +442,24 @@ def frontier_row(bench: Bench, budget: float, runs: list[Result]) -> dict[str, A
     }
 
 
+def equal_flops_check(bench: Bench, row: dict[str, Any], scratch: dict[str, Any]) -> dict:
+    """An arm against scratch runs (each fully decayed) whose budget spends the arm's mean
+    FLOPs: its final loss / theirs, paired by seed (< 1: the arm learns more for the same
+    compute). It checks a speedup read off the frontier between two of its budgets."""
+    budget = round(statistics.fmean(row["flops"]) / statistics.fmean(scratch["flops"]), 3)
+    runs = [bench.run("scratch", budget, s) for s in row["seeds"]]
+    ratio = paired_log_interval(row["final_loss"], [r.final_loss for r in runs])
+    return {
+        "arm": row["arm"],
+        "scratch_budget": budget,
+        "flops": [r.flops for r in runs],
+        "arm_final_loss": row["final_loss"],
+        "scratch_final_loss": [r.final_loss for r in runs],
+        "loss_ratio_mean": ratio.mean,
+        "loss_ratio_ci95": [ratio.low, ratio.high],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.acceleration",
@@ -545,6 +565,10 @@ def main(argv: list[str] | None = None) -> None:
                     "speedup_ratio_ci95": [ratio.low, ratio.high],
                 }
             )
+    # the searched schedule against scratch trained at its own compute (no interpolation)
+    equal_flops = (
+        [equal_flops_check(bench, by[("searched", 1.0)], scratch)] if bench.searched else []
+    )
     title = (
         f"{args.kind.upper()} {preset.n_layer}x{preset.d_model}, "
         f"{full_tokens / bench.params:.0f} tokens/param, "
@@ -552,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     stem = f"acceleration-{args.kind}-{args.preset}"
     figure = plot(bench, frontier_rows, rows, RESULTS / f"{stem}.png", title)
-    _print(frontier_rows, rows, comparisons)
+    _print(frontier_rows, rows, comparisons, equal_flops)
     answer = _answer(rows, plateau, scratch_loss, entropy)
     print(answer)
     payload = {
@@ -581,6 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         "arms": rows,
         "best_other_arm": best,
         "comparisons": comparisons,
+        "equal_flops": equal_flops,
         "answer": answer,
     }
     path = RESULTS / f"{stem}.json"
@@ -596,7 +621,9 @@ def _ci(row: dict[str, Any], key: str) -> str:
     return f"{mark}{mean:.3f}" if low is None else f"{mark}{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def _print(frontier_rows: list[dict], rows: list[dict], comparisons: list[dict]) -> None:
+def _print(
+    frontier_rows: list[dict], rows: list[dict], comparisons: list[dict], equal_flops: list[dict]
+) -> None:
     def line(r: dict) -> dict[str, object]:
         values = r["final_loss"]
         sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
@@ -621,6 +648,15 @@ def _print(frontier_rows: list[dict], rows: list[dict], comparisons: list[dict])
         print(
             f"{c['arms'][0]} / {c['arms'][1]} at {c['budget']:g}x: speedup ratio "
             f"{c['speedup_ratio_mean']:.3f} [{low:.3f}, {high:.3f}] (paired by seed)"
+        )
+    for e in equal_flops:
+        low, high = e["loss_ratio_ci95"]
+        ci = f" [{low:.4f}, {high:.4f}]" if low is not None else ""
+        print(
+            f"{e['arm']} against scratch at its compute ({e['scratch_budget']:g}x, fully "
+            f"decayed): final loss {statistics.fmean(e['arm_final_loss']):.4f} vs "
+            f"{statistics.fmean(e['scratch_final_loss']):.4f}, ratio "
+            f"{e['loss_ratio_mean']:.4f}{ci} (paired by seed)"
         )
 
 

@@ -32,7 +32,7 @@ def test_arms_scale_the_released_recipe_and_vary_one_lever_each():
         accel.arm_schedules(4, 1000)
 
 
-@pytest.mark.slow  # trains 16 toy runs (~35 s)
+@pytest.mark.slow  # trains 18 toy runs (~35 s)
 def test_benchmark_writes_every_field_and_resumes_from_its_cache(
     gpt_data, tmp_path, monkeypatch, capsys
 ):
@@ -82,10 +82,15 @@ def test_benchmark_writes_every_field_and_resumes_from_its_cache(
     best["schedule"] |= {"depths": [4, 8], "stage_ends": [0.3]}
     (tmp_path / "best.yaml").write_text(yaml.safe_dump(best))
     accel.main([*argv, "--arms", "release", "--searched", str(tmp_path / "best.yaml"), "--quiet"])
-    assert capsys.readouterr().out.count("s training") == 2  # searched@1, seeds 0 and 1
+    # searched@1 and scratch at the searched runs' compute, seeds 0 and 1
+    assert capsys.readouterr().out.count("s training") == 4
     out = json.loads((tmp_path / "results" / "acceleration-gpt-toy.json").read_text())
     searched = next(r for r in out["arms"] if r["arm"] == "searched")
     assert searched["seeds"] == [0, 1]
+    (equal,) = out["equal_flops"]
+    assert equal["arm"] == "searched" and 0.4 < equal["scratch_budget"] < 1
+    assert equal["arm_final_loss"] == searched["final_loss"]
+    assert abs(sum(equal["flops"]) / sum(searched["flops"]) - 1) < 0.05
     assert any(c["arms"] == ["searched", "release"] for c in out["comparisons"])
     best["train"]["lr"] = 1e-2
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(best))
