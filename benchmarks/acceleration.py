@@ -407,10 +407,12 @@ def plot(
         at = (x, statistics.fmean(r["final_loss"]))
         ax.annotate(f"{r['budget']:g}x", at, fontsize=7, xytext=(4, 4), textcoords="offset points")
     for i, r in enumerate(arm_rows):
-        color = colormaps["tab20"](i % 20)
+        searched = r["arm"] == "searched"  # drawn boldly: the comparison the study is for
+        color = "magenta" if searched else colormaps["tab20"](i % 20)
         curve = bench.run(r["arm"], r["budget"], r["seeds"][0]).curve
         label = f"{r['arm']} @{r['budget']:g}x: {r['speedup_mean']:.2f}x"
-        ax.plot(curve["flops"], curve["loss"], "-", color=color, linewidth=1, alpha=0.7)
+        width = 2 if searched else 1
+        ax.plot(curve["flops"], curve["loss"], "-", color=color, linewidth=width, alpha=0.7)
         ax.plot(r["flops"], r["final_loss"], "o", color=color, markersize=4, label=label)
     ax.set_xscale("log")
     low = min(ys + [v for r in arm_rows for v in r["final_loss"]])
