@@ -23,7 +23,7 @@ from apollo_ray.mlflow_server import local_store
 from apollo_ray.storage import join_uri
 from apollo_ray.tracking import KIND
 
-STEPS, EVERY = 400, 50
+STEPS, EVERY = 200, 50
 
 
 def last_step(metrics) -> int:
