@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine (Python 3.10+ with venv):
+# Two entry points for a fresh machine (Python 3.11, as in requirements.lock, with venv):
 #   make demo   install everything into .venv, run the main job: a schedule search on the demo
 #               corpus (local Ray, local outputs/)
 #   make test   install everything into .venv (and Chromium for the browser test), lint, run
@@ -6,6 +6,7 @@
 #   make ui     the MLflow UI over outputs/ on http://127.0.0.1:5000
 # torch is installed first and on its own so that pip keeps the build you ask for
 # (TORCH=torch==2.13.0 is the CPU build on our dev machines; pass e.g. TORCH=torch for CUDA).
+# The rest is installed at the versions in requirements.lock (`make lock` refreshes it).
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -14,16 +15,33 @@ PY := $(VENV)/bin/python
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test lint browser ui clean
+.PHONY: install lock demo test lint browser ui clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
+
+# requirements.lock: the exact versions the test suite passed with, for Python 3.11 on Linux
+# x86_64, torch and its own dependencies left out (`--excludes`; PyPI's torch brings CUDA wheels).
+# Keeps each locked version that pyproject.toml still allows (delete the file to take the newest).
+# Needs no install, so it also runs after a lower bound in pyproject.toml was raised past the lock.
+LOCK_PYTHON := 3.11
+
+lock: $(VENV)/bin/uv
+	echo torch | $(VENV)/bin/uv pip compile -q pyproject.toml --extra dev --extra demo \
+	  --excludes - --python-version $(LOCK_PYTHON) --python-platform x86_64-unknown-linux-gnu \
+	  --custom-compile-command "make lock" -o requirements.lock
+	sed -i -e '1i # Versions the test suite passed with, for Python $(LOCK_PYTHON) on Linux x86_64.' \
+	  -e '1i # torch is left out: make installs it first, on its own.' requirements.lock
+
+$(VENV)/bin/uv:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv
 
 demo: $(VENV)/.installed
 	$(PY) -m apollo_ray.tune search_spaces/small.yaml --resume
