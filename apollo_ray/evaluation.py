@@ -41,7 +41,8 @@ class Evaluator:
 
     @torch.no_grad()
     def loss(self, model: TransformerLM, plan: Sequence[int]) -> float:
-        """Mean loss over the first `train.eval_batches` validation micro-batches."""
+        """Mean loss over the first `train.eval_batches` validation micro-batches (a split with
+        fewer sequences is read again from its first one, so one sequence is enough)."""
         model.eval()
         train = self.cfg.train
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss * n, n)

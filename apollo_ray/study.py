@@ -56,7 +56,11 @@ class PrepareConfig(Strict):
     )
     vocab_size: int = Field(8192, ge=8, description="vocabulary size of the trained tokenizer")
     val_fraction: float = Field(
-        0.01, ge=0.0, lt=1.0, description="fraction of the documents held out for validation"
+        0.01, gt=0.0, lt=1.0, description="fraction of the documents held out for validation"
+    )
+    doc_sep: Literal["blank", "line"] = Field(
+        "blank",
+        description="what separates the documents of a .txt file: blank lines, or each line",
     )
     text_column: str = Field("text", description="the column (jsonl: field) that holds the text")
     split: str = Field("train", description="split to read from a datasets or hub: source")

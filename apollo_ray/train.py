@@ -21,7 +21,7 @@ from dataclasses import asdict
 import yaml
 
 from apollo_ray.config import ConfigError, load_run_config
-from apollo_ray.data import DataError
+from apollo_ray.data import DataError, check_data
 from apollo_ray.trainer import NonFiniteLossError, Trainer
 
 __all__ = ["main"]
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None:
             overrides["resources.workers"] = args.workers
         cfg = load_run_config(args.config, overrides)
+        check_data(cfg.data, cfg.model.kind)
         kills = {"kill_at_step": args.kill_at_step}
         kills["kill_after_checkpoint"] = args.kill_after_checkpoint
         faults = {k: v for k, v in kills.items() if v is not None}

@@ -4,11 +4,12 @@
     python -m apollo_ray.tune search_spaces/bert.yaml --address auto
     python -m apollo_ray.tune search_spaces/small.yaml --resume   # finish an interrupted study
 
-In order: the study file is validated, the data prepared if the study asks for it, the MLflow
-server checked (or a local one started), Ray joined and its resources checked; then the scratch
-frontier is trained once (or reused from `<output_dir>/baselines/`), the trials run
-(`apollo_ray.search`), and the end is summarised: a table, `best.yaml` (a ready-to-use run
-config) and `summary.json` in `<output_dir>/<experiment>/`, and the study's MLflow run.
+In order: the study file is validated, the data prepared if the study asks for it and checked
+against the base run (`check_data`), the MLflow server checked (or a local one started), Ray
+joined and its resources checked; then the scratch frontier is trained once (or reused from
+`<output_dir>/baselines/`), the trials run (`apollo_ray.search`), and the end is summarised: a
+table, `best.yaml` (a ready-to-use run config) and `summary.json` in
+`<output_dir>/<experiment>/`, and the study's MLflow run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from apollo_ray.config import ConfigError
-from apollo_ray.data import DataError, prepare
+from apollo_ray.data import DataError, check_data, prepare
 from apollo_ray.mlflow_server import check_tracking, tracking_uri
 from apollo_ray.storage import is_uri
 from apollo_ray.study import StudyConfig, load_study
@@ -40,6 +41,7 @@ def prepare_data(study: StudyConfig) -> None:
         study.base.model.kind,
         vocab_size=p.vocab_size,
         val_fraction=p.val_fraction,
+        doc_sep=p.doc_sep,
         text_column=p.text_column,
         split=p.split,
     )
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         study = load_study(args.study)
         check_new_or_resumed(study, args.resume)
         prepare_data(study)
+        check_data(study.base.data, study.base.model.kind)
         run_study(study, args.study, args.address, args.resume)
     except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)

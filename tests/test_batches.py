@@ -1,14 +1,19 @@
-"""Batches: packed windows, determinism across worker layouts, MLM masking, GPT label shift."""
+"""Batches: packed windows, determinism across worker layouts, MLM masking, GPT label shift;
+the data pre-flight of a run (`check_data`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import tiny_run_dict
 
 from apollo_ray.config import DataConfig
-from apollo_ray.data import IGNORE_INDEX, Batches, DataError, load_manifest, open_split
+from apollo_ray.data import IGNORE_INDEX, Batches, DataError, check_data, load_manifest, open_split
+from apollo_ray.train import main as train_main
 
 
 def make(data: Path, kind: str, split: str = "train", seq_len: int = 32, **kw: float) -> Batches:
@@ -112,6 +117,46 @@ def test_seq_len_too_long_says_what_fits(gpt_data: Path) -> None:
     ):
         make(gpt_data, "gpt", "val", seq_len=val_tokens)
     make(gpt_data, "gpt", "val", seq_len=val_tokens - 1)
+
+
+def test_check_data_reads_only_the_manifest(gpt_data: Path, tmp_path: Path) -> None:
+    manifest = json.loads((gpt_data / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))  # and no shard beside it
+    val = manifest["splits"]["val"]["tokens"]
+    assert check_data(DataConfig(path=str(tmp_path), seq_len=val - 1), "gpt").splits["val"].tokens
+    with pytest.raises(
+        DataError,
+        match=rf"the val split has {val} tokens \(longest shard {val}\) but evaluation needs at "
+        rf"least {val + 1} in one shard for one sequence of data.seq_len {val}; the largest "
+        rf"seq_len that works is {val - 1}, or prepare more data \(or a larger --val-fraction\)$",
+    ):
+        check_data(DataConfig(path=str(tmp_path), seq_len=val), "gpt")
+    manifest["splits"]["val"] = {"documents": 0, "tokens": 0, "shards": []}  # an older preparation
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        DataError,
+        match=r"has 0 tokens \(longest shard 0\) but evaluation needs at least 33 in one shard "
+        r"for one sequence of data.seq_len 32; prepare more data \(or a larger --val-fraction\)$",
+    ):
+        check_data(DataConfig(path=str(tmp_path), seq_len=32), "gpt")
+
+
+def test_train_refuses_too_small_a_val_split_before_training(
+    gpt_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    val = load_manifest(gpt_data).splits["val"].tokens
+    run = tiny_run_dict(
+        {"path": str(gpt_data), "seq_len": val}, tmp_path / "run", model={"max_seq_len": val}
+    )
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert train_main([str(tmp_path / "run.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {gpt_data}: the val split has {val} tokens")
+        and err.count("\n") == 1
+    )
+    assert f"evaluation needs at least {val + 1}" in err and "--val-fraction" in err
+    assert not (tmp_path / "run").exists()  # nothing was built or trained
 
 
 def test_kind_mismatch(bert_data: Path) -> None:

