@@ -15,15 +15,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from apollo_ray import distributed, solo
 from apollo_ray.acceleration import Curve
-from apollo_ray.checkpoints import CHECKPOINT_FILE, checkpoint_name
 from apollo_ray.config import RunConfig
 from apollo_ray.data import load_manifest
 from apollo_ray.frontier import Frontier, FrontierPoint
-from apollo_ray.mirror import RunMirror
 from apollo_ray.results import log_frontier, log_run_results
 from apollo_ray.runlog import METRICS
 from apollo_ray.storage import join_uri
@@ -127,19 +124,17 @@ def _ensure_run(
     metrics = run_dir / METRICS
     cached = (run_dir / DONE_MARKER).exists()
     searched = {"budget": budget}
-    with tracked_run(study, group, cfg, "frontier", searched, trial_id=cfg.name) as target:
+    storage = study.storage(BASELINES)
+    folder = join_uri(storage, run_dir.name)
+    with tracked_run(
+        study, group, cfg, "frontier", searched, trial_id=cfg.name, storage=folder
+    ) as target:
         if cached:
             print(f"scratch {budget:g}x: reusing {run_dir}", file=sys.stderr)
-            if target is not None:  # its rows and (policy permitting) its final checkpoint
-                mirror = RunMirror(target, run_dir, cfg.train.steps)
-                final = checkpoint_name(cfg.train.steps)
-                location = join_uri(study.storage(BASELINES), run_dir.name, final, CHECKPOINT_FILE)
-                mirror.checkpoint(final, location, _last_row(metrics))
-                mirror.flush()
+            if target is not None:  # its rows and checkpoints are uploaded on the way out
                 group.client().set_tag(target.run_id, "apollo.cached", str(run_dir))
         else:
             print(f"scratch {budget:g}x: training in {run_dir}", file=sys.stderr)
-            storage = study.storage(BASELINES)
             if solo.applies(cfg):
                 last = solo.run(cfg, tracking=target, storage_path=storage)
             else:
@@ -148,7 +143,3 @@ def _ensure_run(
         if target is not None:
             log_run_results(group.client(), target.run_id, cfg, metrics, None, None)
     return metrics
-
-
-def _last_row(metrics: Path) -> dict[str, Any]:
-    return json.loads(metrics.read_text().splitlines()[-1])

@@ -145,6 +145,9 @@ class Store(Protocol):
     def latest(self) -> dict[str, Any] | None:
         """The newest checkpoint that loads, or None."""
 
+    def names(self) -> list[str]:
+        """The names of the checkpoints saved, oldest first."""
+
     def location(self, name: str) -> str:
         """Where checkpoint `name` lies once reported (a path or a URI)."""
 
@@ -165,6 +168,9 @@ class LocalStore:
     def latest(self) -> dict[str, Any] | None:
         path = latest_local(self.run_dir)
         return load(path) if path else None
+
+    def names(self) -> list[str]:
+        return [p.name.removesuffix(".pt") for p in local_checkpoints(self.run_dir)]
 
     def location(self, name: str) -> str:
         return str(self.run_dir / "checkpoints" / f"{name}.pt")
@@ -203,11 +209,16 @@ class StorageStore:
     def location(self, name: str) -> str:
         return join_uri(self.uri, name, CHECKPOINT_FILE)
 
+    def names(self) -> list[str]:
+        """The checkpoints whose file is in place (a folder still being written is left out)."""
+        selector = pyarrow.fs.FileSelector(self.root, allow_not_found=True, recursive=True)
+        files = [i.path for i in self.fs.get_file_info(selector)]
+        names = [p.rsplit("/", 2)[-2] for p in files if p.endswith(f"/{CHECKPOINT_FILE}")]
+        return sorted((n for n in names if is_checkpoint(n)), key=name_order)
+
     def latest(self) -> dict[str, Any] | None:
         """The newest checkpoint in the run's storage that loads (a file cut short is skipped)."""
-        found = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root, allow_not_found=True))
-        names = [i.base_name for i in found if is_checkpoint(i.base_name)]
-        for name in sorted(names, key=name_order, reverse=True):
+        for name in reversed(self.names()):
             path = f"{self.root}/{name}/{CHECKPOINT_FILE}"
             try:
                 with self.fs.open_input_file(path) as f:

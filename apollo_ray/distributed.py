@@ -28,12 +28,11 @@ from apollo_ray.checkpoints import RayStore
 from apollo_ray.config import RunConfig
 from apollo_ray.faults import FaultInjection
 from apollo_ray.mirror import RunMirror, Target, Uploader, head_local
-from apollo_ray.runlog import METRICS
+from apollo_ray.runlog import DIVERGED, METRICS
 from apollo_ray.storage import absolute, join_uri
 from apollo_ray.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
-    "DIVERGED",
     "HEAD_NODE",
     "HeadRelay",
     "build_trainer",
@@ -46,7 +45,6 @@ __all__ = [
 ]
 
 HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node (ray._common.constants)
-DIVERGED = "diverged.txt"  # written by rank 0 when the loss became NaN/inf
 
 
 def train_worker(config: dict[str, Any]) -> None:

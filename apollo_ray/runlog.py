@@ -1,5 +1,6 @@
-"""A run's own logs in its folder: `metrics.jsonl` (one JSON row per logged step, growth or
-evaluation) and `resumes.jsonl` (one row per restart from a checkpoint)."""
+"""A run's own files in its folder: `metrics.jsonl` (one JSON row per logged step, growth or
+evaluation, with the time it was written), `resumes.jsonl` (one row per restart from a
+checkpoint) and `diverged.txt` (why a run stopped on a NaN/inf loss)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS", "RESUMES", "MetricsLog", "last_eval", "record_resume"]
+__all__ = [
+    "DIVERGED",
+    "METRICS",
+    "RESUMES",
+    "MetricsLog",
+    "last_eval",
+    "read_rows",
+    "record_resume",
+]
 
 METRICS = "metrics.jsonl"
 RESUMES = "resumes.jsonl"
+DIVERGED = "diverged.txt"  # written by rank 0 when the loss became NaN/inf
 
 
 class MetricsLog:
@@ -37,12 +47,21 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         if self._file:
-            self._file.write(json.dumps(row) + "\n")
+            self._file.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
             self._file.flush()
 
     def close(self) -> None:
         if self._file:
             self._file.close()
+
+
+def read_rows(metrics: Path) -> list[dict[str, Any]]:
+    """The whole rows of a metrics.jsonl (none if it does not exist; a line still being written
+    is left out)."""
+    if not metrics.exists():
+        return []
+    data = metrics.read_bytes()
+    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
 
 
 def record_resume(run_dir: Path, step: int) -> None:

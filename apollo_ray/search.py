@@ -33,6 +33,7 @@ from apollo_ray.baseline import Scratch
 from apollo_ray.results import log_run_results
 from apollo_ray.runlog import METRICS, last_eval
 from apollo_ray.space import materialize, suggest
+from apollo_ray.storage import join_uri
 from apollo_ray.study import OBJECTIVES, StudyConfig
 from apollo_ray.tracking import CONFIRM_OF, StudyRecord, tracked_run, trial_runs_callback
 
@@ -249,7 +250,8 @@ def _train_and_score(
         study.base, params, name=f"{study.experiment}-{trial_id}", out_dir=str(out_dir)
     )
     storage = study.storage(study.experiment, "trials")
-    with tracked_run(study, record, cfg, kind, searched, trial_id, tags) as target:
+    folder = join_uri(storage, out_dir.name)  # where its checkpoints go
+    with tracked_run(study, record, cfg, kind, searched, trial_id, tags, folder) as target:
         if solo.applies(cfg):
             solo.train(cfg, storage, tracking=target, faults=faults, report=tune.report)
         else:

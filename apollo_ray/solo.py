@@ -17,9 +17,10 @@ from typing import Any
 
 from apollo_ray.checkpoints import StorageStore
 from apollo_ray.config import RunConfig
-from apollo_ray.distributed import DIVERGED, check_finished, mirror_for, set_threads
+from apollo_ray.distributed import check_finished, mirror_for, set_threads
 from apollo_ray.faults import FaultInjection
 from apollo_ray.mirror import Target
+from apollo_ray.runlog import DIVERGED
 from apollo_ray.storage import absolute, join_uri
 from apollo_ray.trainer import NonFiniteLossError, Trainer
 

@@ -30,9 +30,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from apollo_ray.checkpoints import StorageStore
 from apollo_ray.config import RunConfig
 from apollo_ray.fields import flatten
 from apollo_ray.mirror import RunMirror, Target, quick_failure, sync
+from apollo_ray.runlog import DIVERGED
+from apollo_ray.storage import join_uri
 from apollo_ray.study import StudyConfig
 
 __all__ = [
@@ -154,10 +157,14 @@ def tracked_run(
     searched: dict[str, Any],
     trial_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    storage: str | None = None,
 ) -> Iterator[Target | None]:
     """The MLflow child run of a trial or the baseline, RUNNING while the block runs and then
-    FINISHED, FAILED (with the reason as tag `apollo.end`) or KILLED, whatever happens; rows
-    and checkpoints that rank 0 could not upload are sent on the way out."""
+    FINISHED, FAILED (with the reason as tag `apollo.end`) or KILLED, whatever happens. On the
+    way out, what rank 0 could not upload is sent: rows (all of them if the run finished or
+    diverged, else those its newest checkpoint covers: a retry redoes the rest) and the wanted
+    checkpoints found in `storage`, the run's checkpoint folder (one saved just before its
+    worker died included)."""
     if record is None:
         yield None
         return
@@ -179,7 +186,10 @@ def tracked_run(
     finally:
         try:
             mirror = RunMirror(target, cfg.output_dir, cfg.train.steps, patient=True)
-            mirror.flush()  # whatever rank 0 could not send (e.g. from a node without access)
+            ended = error is None or (cfg.output_dir / DIVERGED).exists()
+            store = StorageStore(storage, cfg.train.keep_checkpoints) if storage else None
+            mirror.settle(ended, store)
+            mirror.flush()
         except Exception as e:
             print(f"mlflow: run {run_id} not synced: {e}", file=sys.stderr)
         _end(client, run_id, error)
@@ -284,8 +294,8 @@ def trial_runs_callback(study: StudyConfig, record: StudyRecord):
     session.write_text(json.dumps(asdict(record)))
 
     class TrialRunsCallback(tune.Callback):
-        def __init__(self, session: Path) -> None:
-            self.session = session
+        def __init__(self, session: Path, storage: str, keep: int) -> None:
+            self.session, self.storage, self.keep = session, storage, keep
 
         def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
             self._close(trial, "KILLED", "stopped early by the scheduler")
@@ -308,8 +318,13 @@ def trial_runs_callback(study: StudyConfig, record: StudyRecord):
             run = find_run(client, record.experiment_id, **{TRIAL: trial.trial_id})
             if run is None or run.info.status != "RUNNING":
                 return
-            sync(self.session.parent / "trials" / trial.trial_id, record.uri)
+            # the trial is over (stopped, or failed after its retries: a resumed study does not
+            # retry errored trials), so every row is final
+            store = StorageStore(join_uri(self.storage, trial.trial_id), self.keep)
+            run_dir = self.session.parent / "trials" / trial.trial_id
+            sync(run_dir, record.uri, ended=True, store=store)
             client.set_tag(run.info.run_id, END, why)
             client.set_terminated(run.info.run_id, status)
 
-    return TrialRunsCallback(session)
+    storage = study.storage(study.experiment, "trials")
+    return TrialRunsCallback(session, storage, study.base.train.keep_checkpoints)

@@ -209,7 +209,7 @@ class Trainer:
         metrics_path = self.run_dir / METRICS if main else None
         log = MetricsLog(metrics_path, self.state.step, len(self.model.layers))
         tracker = self.tracker
-        tracker.start()  # after the metrics log dropped what the checkpoint does not cover
+        tracker.start(self.store)  # after the log dropped what the checkpoint does not cover
         bar = tqdm(
             total=cfg.steps,
             initial=self.state.step,

@@ -270,7 +270,7 @@ def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def timeless(run_dir: Path) -> list[dict[str, Any]]:
     """The rows without their timing fields: what two runs of one config must agree on."""
-    drop = ("wall_time", "tokens_per_s")
+    drop = ("wall_time", "tokens_per_s", "time")
     return [{k: v for k, v in r.items() if k not in drop} for r in metrics_rows(run_dir)]
 
 
@@ -283,6 +283,39 @@ def expected(rows: list[dict], key: str, column: str | None = None) -> list[tupl
     """(step, value) of metrics.jsonl's `column` (default `key`): what `history` must show."""
     column = column or key
     return sorted((r["step"], r[column]) for r in rows if column in r)
+
+
+def mlflow_target(folder: Path, policy: str = "all"):
+    """(client, Target) of a new MLflow run in a SQLite store under `folder`, its rows uploaded
+    as soon as they may be (`every_s=0`)."""
+    from mlflow import MlflowClient
+
+    from apollo_ray.mirror import Target
+    from apollo_ray.mlflow_server import local_store
+
+    uri, artifacts = local_store(folder)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("runs", artifacts)).info.run_id
+    return client, Target(uri, run_id, policy, every_s=0)
+
+
+def stage_checkpoints(final: int = 12) -> set[str]:
+    """The MLflow checkpoint files of the tiny run (growths at 3 and 6) under policy `all`."""
+    names = [f"step-{s:07d}.{t}-growth" for s in (3, 6) for t in ("pre", "post")]
+    return {f"{n}.{ext}" for n in [*names, f"step-{final:07d}"] for ext in ("pt", "json")}
+
+
+def records(client, run_id: str, run_dir: Path) -> tuple[dict[str, list], dict[str, list]]:
+    """Every metric history of an MLflow run, and what metrics.jsonl says it must be: each
+    row's points once, (step, value) sorted, a point logged twice kept twice."""
+    from apollo_ray.mirror import metrics_of
+
+    want: dict[str, list] = {}
+    for row in metrics_rows(run_dir):
+        for key, value in metrics_of(row).items():
+            want.setdefault(key, []).append((row["step"], value))
+    keys = set(want) | set(client.get_run(run_id).data.metrics)
+    return {k: history(client, run_id, k) for k in keys}, {k: sorted(want.get(k, [])) for k in keys}
 
 
 def checkpoint_names(client, run_id: str) -> set[str]:

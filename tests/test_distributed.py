@@ -1,11 +1,12 @@
 """End-to-end on a real local Ray: Train workers with DDP (gloo), reported checkpoints, and a
-worker killed mid-run that resumes and finishes exactly like the uninterrupted run. (That two
+worker killed mid-run that resumes and finishes exactly like the uninterrupted run, its MLflow
+record holding every row exactly once. (That two
 workers train like one accumulating two micro-batches is tested on two gloo processes without
 Ray, tests/test_ddp.py; that one Ray Train worker computes the same floats as the in-process
 path, tests/test_solo.py.)"""
 
 import pytest
-from conftest import timeless, tiny_run
+from conftest import checkpoint_names, mlflow_target, records, stage_checkpoints, timeless, tiny_run
 
 from apollo_ray import distributed
 from apollo_ray.config import RunConfig
@@ -49,10 +50,16 @@ def test_two_workers_report_metrics_and_checkpoints(uninterrupted):
 def test_killed_worker_resumes_and_finishes_identically(uninterrupted, gpt_data, tmp_path):
     out, result = uninterrupted
     killed = tmp_path / "killed"
-    resumed = distributed.run(cfg_for(gpt_data, killed), faults={"kill_at_step": 7})
+    client, target = mlflow_target(tmp_path / "mlflow")
+    # rows 6 (growth) and 7 follow the newest checkpoint when it dies: the group redoes them
+    cfg = cfg_for(gpt_data, killed)
+    resumed = distributed.run(cfg, faults={"kill_at_step": 8}, tracking=target)
     assert (killed / FAULT_MARKER).exists()  # the worker really was killed
     assert resumed.metrics["eval_loss"] == result.metrics["eval_loss"]
     assert timeless(killed) == timeless(out)
+    got, want = records(client, target.run_id, killed)
+    assert got == want  # every metric history is metrics.jsonl: nothing twice, nothing missing
+    assert checkpoint_names(client, target.run_id) == stage_checkpoints()
 
 
 def test_a_run_folder_the_driver_cannot_see_is_a_clear_error(gpt_data, tmp_path):

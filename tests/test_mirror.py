@@ -1,18 +1,24 @@
 """Rank 0's mirror of a run into MLflow, against real MLflow stores and servers: every row and
-the stage-wise checkpoints, the checkpoint policy, an unreachable server (nothing lost, `sync`
-uploads it later) and the relay through the head node."""
+the stage-wise checkpoints, each row exactly once across a crash and resume, a partial upload
+and two processes uploading at once, the checkpoint a dying process saved, the checkpoint
+policy, an unreachable server (nothing lost, `sync` uploads it later) and the relay through the
+head node. (A killed Ray Train worker and a killed one-worker trial: tests/test_distributed.py
+and tests/test_solo.py.)"""
 
 import json
 from pathlib import Path
 
 import pytest
-from conftest import checkpoint_names, expected, history, metrics_rows, tiny_run
+from conftest import checkpoint_names, expected, history, metrics_rows, records, tiny_run
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
+from apollo_ray import faults, mirror
+from apollo_ray.checkpoints import LocalStore
 from apollo_ray.checkpoints import load as load_checkpoint
 from apollo_ray.config import RunConfig
-from apollo_ray.mirror import RunMirror, Target, pending_rows, sync
+from apollo_ray.faults import FaultInjection
+from apollo_ray.mirror import RunMirror, Target, Uploader, pending_rows, sync, tracked
 from apollo_ray.mlflow_server import LocalServer, free_port, local_store
 from apollo_ray.trainer import Trainer
 
@@ -41,9 +47,7 @@ def test_mirror_logs_every_row_and_the_stage_checkpoints(tmp_path, gpt_data):
         assert history(client, run_id, key) == expected(rows, key), key
     assert len(history(client, run_id, "tokens_per_s")) == 12
     assert pending_rows(cfg.output_dir) == 0
-    stages = {f"step-{s:07d}.{t}-growth" for s in (3, 6) for t in ("pre", "post")}
-    names = {f"{n}.{ext}" for n in [*stages, "step-0000012"] for ext in ("pt", "json")}
-    assert checkpoint_names(client, run_id) == names  # not the periodic step-0000006
+    assert checkpoint_names(client, run_id) == ALL  # not the periodic step-0000006
     local = download_artifacts(run_id=run_id, artifact_path="checkpoints", tracking_uri=target.uri)
     post = load_checkpoint(Path(local) / "step-0000006.post-growth.pt")  # weights_only=True
     meta = json.loads((Path(local) / "step-0000006.post-growth.json").read_text())
@@ -51,17 +55,120 @@ def test_mirror_logs_every_row_and_the_stage_checkpoints(tmp_path, gpt_data):
     assert post["run_config"]["schedule"]["depths"] == [1, 2, 4]  # enough to resume or export
 
 
+STAGES = {f"step-{s:07d}.{t}-growth" for s in (3, 6) for t in ("pre", "post")}
+ALL = {f"{n}.{ext}" for n in [*STAGES, "step-0000012"] for ext in ("pt", "json")}
+
+
+class Died(BaseException):
+    """What the fault injection's SIGKILL becomes here (the test's process must live on)."""
+
+
+@pytest.mark.parametrize(
+    ("fault", "resumed_from"),
+    [
+        ({"kill_at_step": 8}, 6),  # step 7's row was in MLflow when it died: it comes again
+        ({"kill_after_checkpoint": 3}, 3),  # its pre-growth checkpoint was never announced
+    ],
+)
+def test_a_crashed_and_resumed_run_is_recorded_exactly_once(
+    tmp_path, gpt_data, monkeypatch, fault, resumed_from
+):
+    uri, artifacts = local_store(tmp_path / "store")
+    client, run_id = new_run(uri, artifacts)
+    cfg = apollo_cfg(gpt_data, tmp_path / "run")
+    target = Target(uri, run_id, "all", every_s=0)  # every row uploaded as soon as it may be
+
+    def die(pid, signal):
+        raise Died
+
+    monkeypatch.setattr(faults.os, "kill", die)
+    dying = FaultInjection(cfg.output_dir, **fault)
+    with pytest.raises(Died):
+        mirrored = RunMirror(target, cfg.output_dir, 12)
+        Trainer(cfg, progress=False, tracker=mirrored, faults=dying).fit()
+    resumed = Trainer(cfg, progress=False, tracker=RunMirror(target, cfg.output_dir, 12))
+    assert resumed.state.step == resumed_from
+    resumed.fit()
+    got, want = records(client, run_id, cfg.output_dir)
+    assert got == want  # every metric: nothing twice, nothing missing
+    assert checkpoint_names(client, run_id) == ALL
+    assert pending_rows(cfg.output_dir) == 0
+
+
+def test_the_driver_uploads_the_checkpoints_a_dead_worker_left(tmp_path, gpt_data):
+    # a run trained without announcing its checkpoints (its rank 0 died after each save): the
+    # driver finds them in its storage, and every row, at the end
+    uri, artifacts = local_store(tmp_path / "store")
+    client, run_id = new_run(uri, artifacts)
+    cfg = apollo_cfg(gpt_data, tmp_path / "run")
+    Trainer(cfg, progress=False).fit()
+    assert sync(cfg.output_dir) is None  # never tracked
+    RunMirror(Target(uri, run_id, "all"), cfg.output_dir, 12)
+    store = LocalStore(cfg.output_dir, cfg.train.keep_checkpoints)
+    assert sync(cfg.output_dir, ended=False, store=store) is True
+    got, want = records(client, run_id, cfg.output_dir)
+    assert got == want
+    assert checkpoint_names(client, run_id) == ALL
+
+
+def rows_file(run_dir: Path, n: int) -> None:
+    run_dir.mkdir(parents=True)
+    rows = [{"step": i, "loss": 5.0 - i / n, "lr": 1e-3, "time": 1.7e9 + i} for i in range(n)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+class Flaky(Uploader):
+    """An uploader whose second call fails (MLflow went away mid-upload)."""
+
+    calls = 0
+
+    def log_batch(self, run_id, metrics, patient):
+        Flaky.calls += 1
+        if Flaky.calls == 2:
+            raise ConnectionError("connection reset")
+        super().log_batch(run_id, metrics, patient)
+
+
+def test_a_partial_upload_moves_the_cursor_by_the_rows_it_sent(tmp_path, monkeypatch):
+    uri, artifacts = local_store(tmp_path / "store")
+    client, run_id = new_run(uri, artifacts)
+    rows_file(tmp_path / "run", 30)
+    monkeypatch.setattr(mirror, "BATCH", 20)  # 10 rows of 2 metrics per batch
+    mirrored = RunMirror(Target(uri, run_id, "none"), tmp_path / "run", 29, uploader=Flaky(uri))
+    mirrored.checkpoint("step-0000029", "unused", {})  # every row is final
+    with pytest.warns(RuntimeWarning, match="training goes on"):
+        assert mirrored.flush() is False
+    assert tracked(tmp_path / "run")["rows"] == 10  # the first batch is in, the second not
+    assert mirrored.flush() is True
+    got, want = records(client, run_id, tmp_path / "run")
+    assert got == want and len(got["train_loss"]) == 30
+
+
+def test_two_processes_uploading_the_same_rows_record_them_once(tmp_path):
+    # the study driver syncs a trial that ASHA stopped while its rank 0 still uploads
+    uri, artifacts = local_store(tmp_path / "store")
+    client, run_id = new_run(uri, artifacts)
+    rows_file(tmp_path / "run", 30)
+    target = Target(uri, run_id, "none")
+    rank0 = RunMirror(target, tmp_path / "run", 29)
+    rank0.checkpoint("step-0000020", "unused", {})
+    assert sync(tmp_path / "run", ended=True) is True  # the driver: all 30 rows
+    assert rank0.flush() is True  # rank 0's cursor was still at 0: 30 rows again
+    got, want = records(client, run_id, tmp_path / "run")
+    assert got == want
+
+
 @pytest.mark.parametrize(
     ("policy", "logged"),
     [("all", {"pre", "post", "final"}), ("last", {"final"}), ("none", set())],
 )
 def test_checkpoint_policy(tmp_path, policy, logged):
-    mirror = RunMirror(
+    mirrored = RunMirror(
         Target(f"sqlite:///{tmp_path / 'unused.db'}", "r", policy), tmp_path, final_step=12
     )
     names = {"pre": "step-0000003.pre-growth", "post": "step-0000003.post-growth"}
     names |= {"final": "step-0000012", "periodic": "step-0000006"}
-    assert {k for k, name in names.items() if mirror.wants(name)} == logged
+    assert {k for k, name in names.items() if mirrored.wants(name)} == logged
 
 
 @pytest.mark.slow  # an MLflow server, twice
@@ -71,9 +178,9 @@ def test_unreachable_server_loses_nothing(tmp_path, gpt_data):
         client, run_id = new_run(server.uri)
     # the server is down while the run trains: training goes on, the rows wait on disk
     cfg = apollo_cfg(gpt_data, tmp_path / "run")
-    mirror = RunMirror(Target(server.uri, run_id, "all"), cfg.output_dir, 12, every_s=0)
+    mirrored = RunMirror(Target(server.uri, run_id, "all"), cfg.output_dir, 12, every_s=0)
     with pytest.warns(RuntimeWarning, match="training goes on"):
-        state = Trainer(cfg, progress=False, tracker=mirror).fit()
+        state = Trainer(cfg, progress=False, tracker=mirrored).fit()
     assert state.step == 12
     rows = metrics_rows(cfg.output_dir)
     assert pending_rows(cfg.output_dir) == len(rows)
@@ -101,8 +208,8 @@ def test_head_relay_uploads_from_the_head_node(ray_cluster, tmp_path, gpt_data):
         cfg = apollo_cfg(gpt_data, tmp_path / "run")
         target = Target(server.uri, run_id, "all")
         relay = HeadRelay(server.uri, run_id)
-        mirror = RunMirror(target, cfg.output_dir, 12, every_s=0, uploader=relay)
-        Trainer(cfg, progress=False, tracker=mirror).fit()
+        mirrored = RunMirror(target, cfg.output_dir, 12, every_s=0, uploader=relay)
+        Trainer(cfg, progress=False, tracker=mirrored).fit()
         rows = metrics_rows(cfg.output_dir)
         assert history(client, run_id, "train_loss") == expected(rows, "train_loss", "loss")
         assert len(checkpoint_names(client, run_id)) == 10
@@ -113,5 +220,6 @@ def test_head_relay_uploads_from_the_head_node(ray_cluster, tmp_path, gpt_data):
     with (cfg.output_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 13, "loss": 1.0}) + "\n")
     with pytest.warns(RuntimeWarning, match="training goes on"):
-        assert mirror.flush() is False  # server down: a failed upload, not a stuck trainer
+        mirrored.checkpoint("step-0000013", "unused", {})  # row 13 is final: upload it
+    assert mirrored.flush() is False  # server down: a failed upload, not a stuck trainer
     assert pending_rows(cfg.output_dir) == 1

@@ -1,11 +1,12 @@
 """One-worker runs without a worker group (`apollo_ray.solo`) on a real local Ray: the same
 rows and checkpoints as the one-worker Ray Train run, and a process killed mid-run that Ray
-retries and that resumes from its newest checkpoint, finishing identically."""
+retries and that resumes from its newest checkpoint, finishing identically, with its MLflow
+record holding every row exactly once and the checkpoint it saved just before dying."""
 
 import json
 
 import pytest
-from conftest import timeless, tiny_run
+from conftest import checkpoint_names, mlflow_target, records, stage_checkpoints, timeless, tiny_run
 
 from apollo_ray import distributed, solo
 from apollo_ray.checkpoints import is_checkpoint
@@ -61,18 +62,23 @@ def test_in_process_run_is_bit_identical_to_ray_train(ray_train, gpt_data, tmp_p
 
 
 @pytest.mark.parametrize(
-    "fault, resumed_from",
-    [({"kill_at_step": 7}, 6), ({"kill_after_checkpoint": 8}, 8)],
+    "fault",
+    [
+        {"kill_at_step": 8},  # rows 6 (growth) and 7 follow its newest checkpoint: redone
+        {"kill_after_checkpoint": 6},  # its pre-growth checkpoint was saved, never announced
+    ],
 )
-def test_killed_process_resumes_and_finishes_identically(
-    ray_train, gpt_data, tmp_path, fault, resumed_from
-):
+def test_killed_process_resumes_and_finishes_identically(ray_train, gpt_data, tmp_path, fault):
     out = tmp_path / "run"
-    solo.run(cfg_for(gpt_data, out), storage_path=str(tmp_path), faults=fault)
+    client, target = mlflow_target(tmp_path / "mlflow")
+    solo.run(cfg_for(gpt_data, out), storage_path=str(tmp_path), faults=fault, tracking=target)
     assert (out / FAULT_MARKER).exists()  # the process really was killed
     resumes = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumes] == [resumed_from]
+    assert [r["step"] for r in resumes] == [6]
     assert timeless(out) == timeless(ray_train)
+    got, want = records(client, target.run_id, out)
+    assert got == want  # every metric history is metrics.jsonl: nothing twice, nothing missing
+    assert checkpoint_names(client, target.run_id) == stage_checkpoints()
 
 
 def test_a_diverged_run_stops_and_its_retry_does_not_train_again(ray_cluster, gpt_data, tmp_path):
