@@ -9,6 +9,7 @@ node's server. `python -m apollo_ray.ui` serves the same store for browsing.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -21,10 +22,11 @@ from pathlib import Path
 from apollo_ray.config import ConfigError
 from apollo_ray.mirror import quick_failure
 
-__all__ = ["DB_NAME", "LocalServer", "check_tracking", "local_store", "tracking_uri"]
+__all__ = ["DB_NAME", "LocalServer", "check_tracking", "local_store", "serving", "tracking_uri"]
 
 DB_NAME = "mlflow.db"
 ARTIFACTS = "mlartifacts"
+SERVING = "mlflow-server.json"  # while a LocalServer runs: its URI and process id
 
 
 def local_store(output_dir: str | Path) -> tuple[str, str]:
@@ -45,14 +47,24 @@ class LocalServer:
 
     The server holds the only SQLite connection, so concurrent trials do not lock each other out;
     artifacts are written by the clients straight into the artifact folder (experiments created
-    here name it as their artifact location)."""
+    here name it as their artifact location). `backend` replaces the SQLite database with
+    another store, e.g. `postgresql://user@host:5432/db` (psycopg2 installed)."""
 
-    def __init__(self, output_dir: str | Path, port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        backend: str | None = None,
+    ):
         self.backend, self.artifacts = local_store(output_dir)
+        self.backend = backend or self.backend
         self.host, self.port = host, port or free_port()
         self.uri = f"http://{self.host}:{self.port}"
         self.process: subprocess.Popen | None = None
         self.log = Path(output_dir).resolve() / "mlflow-server.log"
+        self.record = Path(output_dir).resolve() / SERVING
 
     def command(self) -> list[str]:
         return [
@@ -91,12 +103,15 @@ class LocalServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mlflow server exited at start; see {self.log}")
             if _answers(self.uri):
+                self.record.write_text(json.dumps({"uri": self.uri, "pid": self.process.pid}))
                 return self
             time.sleep(0.5)
         self.__exit__()
         raise RuntimeError(f"mlflow server did not answer on {self.uri} in 120 s; see {self.log}")
 
     def __exit__(self, *exc: object) -> None:
+        if self.process is not None and serving(self.record.parent) == self.uri:
+            self.record.unlink()
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, 15)
             try:
@@ -104,6 +119,19 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
+
+
+def serving(output_dir: str | Path) -> str | None:
+    """The URI of the `LocalServer` another process runs over the local store in `output_dir`
+    (a study, or a single run), if it still answers: a second server over one SQLite database
+    would be a second writer."""
+    record = Path(output_dir).resolve() / SERVING
+    try:
+        found = json.loads(record.read_text())
+        os.kill(found["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return found["uri"] if _answers(found["uri"]) else None
 
 
 def _die_with_parent() -> None:
@@ -126,16 +154,17 @@ def _answers(uri: str) -> bool:
 @contextmanager
 def tracking_uri(configured: str | None, output_dir: str) -> Iterator[str]:
     """The tracking URI to log to: `configured` (a YAML's `tracking.mlflow_uri`), else
-    MLFLOW_TRACKING_URI, else an MLflow server on 127.0.0.1 over the local store in
-    `output_dir`, for the duration of the block."""
+    MLFLOW_TRACKING_URI, else the server another process runs over the local store in
+    `output_dir`, else a new MLflow server on 127.0.0.1 over that store, for the duration of
+    the block."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one per run ended
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or serving(output_dir)
     if uri:
         yield uri
         return
     with LocalServer(output_dir) as server:
         print(
-            f"mlflow: store {server.backend}, served at {server.uri} while the study runs; "
+            f"mlflow: store {server.backend}, served at {server.uri} while this runs; "
             f"afterwards: python -m apollo_ray.ui --output-dir {output_dir}",
             file=sys.stderr,
         )

@@ -23,7 +23,7 @@ from apollo_ray.config import RunConfig
 from apollo_ray.export import export_checkpoint
 from apollo_ray.frontier import Frontier
 from apollo_ray.plots import depth_histogram, optuna_plots, optuna_study
-from apollo_ray.runlog import METRICS
+from apollo_ray.runlog import METRICS, read_rows
 from apollo_ray.storage import fetch
 from apollo_ray.study import OBJECTIVES, StudyConfig
 from apollo_ray.tracking import TRIAL, StudyRecord, find_run
@@ -60,10 +60,12 @@ def log_run_results(
         totals |= {k: v for k, v in scores.items() if k in SCORE_METRICS or k.startswith("paper_")}
         totals |= {f"speedup_is_{b}_bound": float(scores["bound"] == b) for b in ("lower", "upper")}
     totals = {k: v for k, v in totals.items() if v is not None}
-    now, step = int(time.time() * 1000), cfg.train.steps
+    # stamped with the last row's time: logged again (a retried trial, a rerun), it is the same
+    stamp = int(read_rows(metrics)[-1].get("time", time.time()) * 1000)
     try:
         client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, step) for k, v in totals.items()]
+            run_id,
+            metrics=[Metric(k, float(v), stamp, cfg.train.steps) for k, v in totals.items()],
         )
         with tempfile.TemporaryDirectory() as tmp:
             plot_loss_vs_flops(

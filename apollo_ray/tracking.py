@@ -14,6 +14,9 @@ Who writes what (Ray's three tiers):
   (`apollo_ray.results`) and ends the run, whatever happens;
 - rank 0 of the Ray Train workers keeps the run up to date while training
   (`apollo_ray.mirror.RunMirror`).
+
+A single run (`python -m apollo_ray.train`) gets the same record as a trial, in an experiment of
+its own (`single_run`), without a parent.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from apollo_ray.checkpoints import StorageStore
+from apollo_ray.checkpoints import StorageStore, Store
 from apollo_ray.config import RunConfig
 from apollo_ray.fields import flatten
 from apollo_ray.mirror import RunMirror, Target, quick_failure, sync
@@ -49,15 +52,17 @@ __all__ = [
     "find_run",
     "group_run",
     "log_params",
+    "single_run",
     "start_run",
     "study_run",
     "tracked_run",
     "trial_runs_callback",
 ]
 
-# tags: kind is study, baseline, frontier, trial or confirm
+# tags: kind is study, baseline, frontier, trial, confirm or run (`python -m apollo_ray.train`)
 KIND, TRIAL, STUDY = "apollo.kind", "apollo.trial_id", "apollo.study"
 CONFIRM_OF = "apollo.confirm_of"  # tag of a confirmation run: the trial it re-runs
+RUN_DIR = "apollo.run_dir"  # tag of a single run: its folder (a resumed run continues its run)
 END = "apollo.end"  # tag: why a run ended the way it did
 SESSION = "mlflow-session.json"  # in the study folder: where the study logs now
 
@@ -177,22 +182,50 @@ def tracked_run(
         client.set_tag(run_id, key, value)
     log_params(client, run_id, flatten(cfg), searched)
     target = Target(record.uri, run_id, study.tracking.checkpoints)
+    store = StorageStore(storage, cfg.train.keep_checkpoints) if storage else None
+    with _until_ended(client, target, cfg, store):
+        yield target
+
+
+@contextmanager
+def single_run(
+    uri: str, experiment: str, cfg: RunConfig, checkpoints: str, store: Store
+) -> Iterator[Target]:
+    """The MLflow run of one `python -m apollo_ray.train` run, in `experiment`: the same params,
+    rows and checkpoints (those in `store` included) as a trial's, ended like one; a resumed
+    run (the same folder) continues its MLflow run."""
+    client = MlflowClient(uri)
+    exp_id = _experiment(client, experiment)
+    tags = {KIND: "run", RUN_DIR: str(cfg.output_dir)}
+    run_id = start_run(client, exp_id, cfg.name, tags)
+    log_params(client, run_id, flatten(cfg), {})
+    target = Target(uri, run_id, checkpoints)
+    with _until_ended(client, target, cfg, store):
+        yield target
+
+
+@contextmanager
+def _until_ended(
+    client: MlflowClient, target: Target, cfg: RunConfig, store: Store | None
+) -> Iterator[None]:
+    """End the run FINISHED, FAILED or KILLED, whatever happens in the block, first sending
+    what rank 0 could not: rows (all of them if the run finished or diverged, else those its
+    newest checkpoint covers: a retry redoes the rest) and the wanted checkpoints found in
+    `store` (one saved just before its worker died included)."""
     error: BaseException | None = None
     try:
-        yield target
+        yield
     except BaseException as e:
         error = e
         raise
     finally:
         try:
             mirror = RunMirror(target, cfg.output_dir, cfg.train.steps, patient=True)
-            ended = error is None or (cfg.output_dir / DIVERGED).exists()
-            store = StorageStore(storage, cfg.train.keep_checkpoints) if storage else None
-            mirror.settle(ended, store)
+            mirror.settle(error is None or (cfg.output_dir / DIVERGED).exists(), store)
             mirror.flush()
         except Exception as e:
-            print(f"mlflow: run {run_id} not synced: {e}", file=sys.stderr)
-        _end(client, run_id, error)
+            print(f"mlflow: run {target.run_id} not synced: {e}", file=sys.stderr)
+        _end(client, target.run_id, error)
 
 
 @contextmanager
@@ -227,20 +260,26 @@ def _end(client: MlflowClient, run_id: str, error: BaseException | None) -> None
         print(f"mlflow: could not end run {run_id}: {e}", file=sys.stderr)
 
 
-@contextmanager
-def study_run(study: StudyConfig, yaml_path: str, uri: str, resume: bool) -> Iterator[StudyRecord]:
-    """The study's MLflow experiment and parent run (a resumed study continues its own), ended
-    FINISHED, FAILED or KILLED (Ctrl-C) whatever happens, with every child still RUNNING closed."""
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(study.experiment)
+def _experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created (or restored) if need be."""
+    exp = client.get_experiment_by_name(name)
     if exp is None:
-        exp_id = client.create_experiment(study.experiment)
+        exp_id = client.create_experiment(name)
     else:
         exp_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp_id)
     # MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it trains models
     client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    return exp_id
+
+
+@contextmanager
+def study_run(study: StudyConfig, yaml_path: str, uri: str, resume: bool) -> Iterator[StudyRecord]:
+    """The study's MLflow experiment and parent run (a resumed study continues its own), ended
+    FINISHED, FAILED or KILLED (Ctrl-C) whatever happens, with every child still RUNNING closed."""
+    client = MlflowClient(uri)
+    exp_id = _experiment(client, study.experiment)
     tags = {KIND: "study", STUDY: study.experiment}
     found = find_run(client, exp_id, **tags) if resume else None
     if found is not None:

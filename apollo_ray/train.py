@@ -10,6 +10,12 @@ Ray is used when `--workers`/`--address` (or a `--kill-*` fault) is given or the
 A run directory that already holds checkpoints is resumed from the newest one. Metrics go to
 `<out_dir>/metrics.jsonl`; checkpoints to `<out_dir>/checkpoints/` on one process, or to Ray
 Train's checkpoint folders in `<out_dir>/` on Ray.
+
+The run is recorded in MLflow like a study's trial (params, per-step metrics, checkpoints, the
+loss-vs-FLOPs plot), in experiment `--experiment` (default `runs`): at `--mlflow-uri`, else
+MLFLOW_TRACKING_URI, else the local store in `--output-dir` (default `outputs`, where studies
+record too), through the server a running study already serves it with, or one started on
+127.0.0.1 for the run's duration. `--no-track` records nothing.
 """
 
 from __future__ import annotations
@@ -17,11 +23,15 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import asdict
+from typing import Any
 
 import yaml
 
-from apollo_ray.config import ConfigError, load_run_config
+from apollo_ray.checkpoints import LocalStore, StorageStore
+from apollo_ray.config import ConfigError, RunConfig, load_run_config
 from apollo_ray.data import DataError, check_data
+from apollo_ray.mirror import POLICIES, RunMirror, Target
+from apollo_ray.runlog import METRICS
 from apollo_ray.trainer import NonFiniteLossError, Trainer
 
 __all__ = ["main"]
@@ -85,6 +95,28 @@ def main(argv: list[str] | None = None) -> int:
         "--device", default=None, help="torch device without Ray (default: cuda if available)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    tracking = parser.add_argument_group("MLflow (on by default)")
+    tracking.add_argument("--no-track", action="store_true", help="record nothing in MLflow")
+    tracking.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="tracking server or store (default: MLFLOW_TRACKING_URI, else the local store)",
+    )
+    tracking.add_argument(
+        "--output-dir",
+        default="outputs",
+        help="folder of the local store, as a study's output_dir (default: outputs)",
+    )
+    tracking.add_argument(
+        "--experiment", default="runs", help="MLflow experiment of the run (default: runs)"
+    )
+    tracking.add_argument(
+        "--checkpoints",
+        choices=POLICIES,
+        default="last",
+        help="checkpoints logged to MLflow: all (stage boundaries and the last), the last one, "
+        "or none (default: last)",
+    )
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.overrides)
@@ -95,24 +127,60 @@ def main(argv: list[str] | None = None) -> int:
         kills = {"kill_at_step": args.kill_at_step}
         kills["kill_after_checkpoint"] = args.kill_after_checkpoint
         faults = {k: v for k, v in kills.items() if v is not None}
-        if cfg.resources.workers > 1 or args.workers or args.address or faults:
-            from apollo_ray import distributed  # imports Ray: only when asked for
-
-            metrics = distributed.run(cfg, args.address, faults or None).metrics
+        on_ray = bool(cfg.resources.workers > 1 or args.workers or args.address or faults)
+        if args.no_track:
+            metrics = train(cfg, args, faults, on_ray, None)
         else:
-            trainer = Trainer(cfg, device=args.device, progress=not args.no_progress)
-            if trainer.state.step:
-                print(f"resuming {cfg.name} from step {trainer.state.step}", file=sys.stderr)
-            metrics = asdict(trainer.fit())
+            metrics = tracked(cfg, args, faults, on_ray)
     except (ConfigError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
         f"{cfg.name}: {metrics['step']} steps, {metrics['tokens']:,} tokens, "
         f"{metrics['flops']:.3e} FLOPs, {metrics['wall_time']:.0f} s, "
-        f"final eval loss {metrics['eval_loss']:.4f}\nmetrics: {cfg.output_dir / 'metrics.jsonl'}"
+        f"final eval loss {metrics['eval_loss']:.4f}\nmetrics: {cfg.output_dir / METRICS}"
     )
     return 0
+
+
+def train(
+    cfg: RunConfig,
+    args: argparse.Namespace,
+    faults: dict[str, int],
+    on_ray: bool,
+    target: Target | None,
+) -> dict[str, Any]:
+    """Train `cfg` here or on Ray, mirrored to `target`; the last metrics."""
+    if on_ray:
+        from apollo_ray import distributed  # imports Ray: only when asked for
+
+        return distributed.run(cfg, args.address, faults or None, tracking=target).metrics
+    tracker = RunMirror(target, cfg.output_dir, cfg.train.steps) if target else None
+    trainer = Trainer(cfg, device=args.device, progress=not args.no_progress, tracker=tracker)
+    return asdict(trainer.fit())
+
+
+def tracked(
+    cfg: RunConfig, args: argparse.Namespace, faults: dict[str, int], on_ray: bool
+) -> dict[str, Any]:
+    """`train`, recorded in MLflow as a study records a trial."""
+    from mlflow import MlflowClient
+
+    from apollo_ray.mlflow_server import check_tracking, tracking_uri
+    from apollo_ray.results import log_run_results
+    from apollo_ray.tracking import single_run
+
+    keep = cfg.train.keep_checkpoints
+    # where the checkpoints are: Ray Train's folders in out_dir, or out_dir/checkpoints/
+    store = StorageStore(str(cfg.output_dir), keep) if on_ray else LocalStore(cfg.output_dir, keep)
+    with tracking_uri(args.mlflow_uri, args.output_dir) as uri:
+        check_tracking(uri)
+        with single_run(uri, args.experiment, cfg, args.checkpoints, store) as target:
+            metrics = train(cfg, args, faults, on_ray, target)
+            client = MlflowClient(uri)
+            log_run_results(client, target.run_id, cfg, cfg.output_dir / METRICS, None, None)
+        print(f"mlflow: run {target.run_id} in experiment {args.experiment!r} at {uri}")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -306,16 +306,16 @@ def stage_checkpoints(final: int = 12) -> set[str]:
 
 
 def records(client, run_id: str, run_dir: Path) -> tuple[dict[str, list], dict[str, list]]:
-    """Every metric history of an MLflow run, and what metrics.jsonl says it must be: each
-    row's points once, (step, value) sorted, a point logged twice kept twice."""
+    """The history of each metric of a run's metrics.jsonl in its MLflow run, and what the file
+    says it must be: each row's points once ((step, value) sorted; a point logged twice shows
+    twice)."""
     from apollo_ray.mirror import metrics_of
 
     want: dict[str, list] = {}
     for row in metrics_rows(run_dir):
         for key, value in metrics_of(row).items():
             want.setdefault(key, []).append((row["step"], value))
-    keys = set(want) | set(client.get_run(run_id).data.metrics)
-    return {k: history(client, run_id, k) for k in keys}, {k: sorted(want.get(k, [])) for k in keys}
+    return {k: history(client, run_id, k) for k in want}, {k: sorted(v) for k, v in want.items()}
 
 
 def checkpoint_names(client, run_id: str) -> set[str]:

@@ -1,7 +1,8 @@
 """The study's MLflow runs, from the drivers: runs closed whatever happens (a trial the
-scheduler stopped, runs left RUNNING), a tracking server that does not answer at the start, then
-what a real small search left in MLflow (nesting, params, metrics, artifacts, the registered
-model in Hugging Face format)."""
+scheduler stopped, runs left RUNNING), a tracking server that does not answer at the start, a
+single `python -m apollo_ray.train` run recorded like a trial, then what a real small search
+left in MLflow (nesting, params, metrics, artifacts, the registered model in Hugging Face
+format)."""
 
 import json
 from pathlib import Path
@@ -10,7 +11,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import checkpoint_names, expected, history, metrics_rows, search_runs, tiny_study
+from conftest import (
+    checkpoint_names,
+    expected,
+    history,
+    metrics_rows,
+    records,
+    search_runs,
+    stage_checkpoints,
+    tiny_run_dict,
+    tiny_study,
+)
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
@@ -55,6 +66,38 @@ def test_unreachable_tracking_server_at_study_start_is_a_clear_error(tmp_path, g
     path.write_text(yaml.safe_dump(study))
     assert main([str(path)]) == 2
     assert "tracking.mlflow_uri: MLflow at http://127.0.0.1:" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # an MLflow server and two tiny runs
+def test_a_single_run_is_recorded_like_a_trial_through_the_running_server(
+    tmp_path, gpt_data, capsys
+):
+    from apollo_ray.mlflow_server import LocalServer, serving
+    from apollo_ray.train import main
+
+    run = tiny_run_dict(gpt_data, tmp_path / "run")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    outputs = tmp_path / "outputs"
+    args = [str(tmp_path / "run.yaml"), "--no-progress", "--output-dir", str(outputs)]
+    with LocalServer(outputs) as server:  # a study serving the local store: the run joins it
+        assert serving(outputs) == server.uri
+        assert main([*args, "--checkpoints", "all"]) == 0
+        assert f"at {server.uri}" in capsys.readouterr().out
+        assert main(args) == 0  # again: it resumes at its end and continues its MLflow run
+    assert serving(outputs) is None
+
+    client = MlflowClient(local_store(outputs)[0])
+    exp = client.get_experiment_by_name("runs")
+    (found,) = client.search_runs([exp.experiment_id])
+    run_id, out = found.info.run_id, tmp_path / "run"
+    assert found.info.status == "FINISHED" and found.info.run_name == "run"
+    assert found.data.params["schedule.depths"] == "1,2,4"  # the whole config, as a trial's
+    got, want = records(client, run_id, out)
+    assert got == want  # every row once, though it ran twice
+    assert len(history(client, run_id, "final_eval_loss")) == 1  # its totals too
+    assert checkpoint_names(client, run_id) == stage_checkpoints()
+    plots = {Path(a.path).name for a in client.list_artifacts(run_id, "plots")}
+    assert {"loss_vs_flops.png", "depth_histogram.png"} <= plots
 
 
 # ---------------------------------------------------------------- a real search, in MLflow
