@@ -349,7 +349,7 @@ class RunMirror:
 
     def _save(self) -> None:
         state = {**asdict(self.target), "final": self.final, **self.state}
-        tmp = self.run_dir / f"{STATE}.tmp"
+        tmp = self.run_dir / f"{STATE}.{os.getpid()}.tmp"  # two processes may save at once
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, self.run_dir / STATE)
