@@ -14,6 +14,7 @@ worker costs the steps since the last checkpoint, not the run.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict
 from typing import Any
@@ -54,6 +55,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     faults = config.get("faults")
     set_threads(cfg)
+    _quiet_reports()
     trainer = Trainer(
         cfg,
         ray.train.torch.get_device(),
@@ -73,6 +75,18 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             (trainer.run_dir / DIVERGED).write_text(str(e) + "\n")
         trainer.store.report({"step": trainer.state.step, "error": str(e)})
+
+
+def _quiet_reports(level: int = logging.WARNING) -> None:
+    """Ray Train 2.60 logs each `ray.train.report` ("Reporting training result ...") at INFO
+    on a logger named after its file (`logging.getLogger(__file__)` in its context module), not
+    under `ray.train`, so `LoggingConfig(log_level=...)` does not reach it: set its level here,
+    in the worker."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # moved in another Ray version: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(level)
 
 
 def set_threads(cfg: RunConfig) -> None:
@@ -177,12 +191,17 @@ def run(
     faults: dict[str, int | None] | None = None,
     tracking: Target | None = None,
     storage_path: str | None = None,
+    progress: bool = False,
 ):
     """Train `cfg` on Ray (starting a local instance unless `address`/RAY_ADDRESS names one) and
-    return the Ray Train `Result`. Raises `NonFiniteLossError` if the loss diverged."""
+    return the Ray Train `Result`. Raises `NonFiniteLossError` if the loss diverged. No progress
+    bar on the workers unless `progress`: Ray forwards each redraw of a worker's bar to the
+    driver as a line of its own (and a study's scratch runs would print theirs)."""
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    trainer = build_trainer(cfg, storage_path=storage_path, faults=faults, tracking=tracking)
+    trainer = build_trainer(
+        cfg, storage_path=storage_path, faults=faults, progress=progress, tracking=tracking
+    )
     result = trainer.fit()
     check_finished(cfg)
     return result

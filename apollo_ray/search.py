@@ -30,6 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 from apollo_ray import distributed, solo
 from apollo_ray.acceleration import Curve, compare
 from apollo_ray.baseline import Scratch
+from apollo_ray.progress import TrialProgress
 from apollo_ray.results import log_run_results
 from apollo_ray.runlog import METRICS, last_eval
 from apollo_ray.space import materialize, suggest
@@ -42,6 +43,7 @@ __all__ = [
     "PAPER_FIELDS",
     "confirm_driver",
     "confirm_runs",
+    "progress_callback",
     "run_confirm",
     "run_search",
     "score",
@@ -78,12 +80,15 @@ def run_search(
     scratch: Scratch,
     record: StudyRecord | None = None,
     faults: dict[str, int | None] | None = None,
+    live: bool | None = None,
 ):
     """Tier 1: the Tuner over Optuna's suggestions; returns Tune's `ResultGrid`. A study whose
     search state exists is resumed (the command line has checked that it may be). `faults`
     (`kill_at_step`, `kill_after_checkpoint`) kills each trial's training once, for chaos
-    testing."""
+    testing. The driver prints one line per running trial (`apollo_ray.progress`; `live`: redraw
+    them in place, default when stdout is a terminal)."""
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # objective arrives in the last report
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the output that verbose=0 silences
     trainable = _with_resources(
         study,
         tune.with_parameters(
@@ -95,10 +100,10 @@ def run_search(
         ),
     )
     search = study.storage(study.experiment, "tune", "search")
+    progress = progress_callback(study, "search", live=live)
     if tune.Tuner.can_restore(search):
-        return tune.Tuner.restore(
-            search, trainable, resume_unfinished=True, resume_errored=False
-        ).fit()
+        tuner = tune.Tuner.restore(search, trainable, resume_unfinished=True, resume_errored=False)
+        return _quiet(tuner, progress).fit()
     metric, mode = OBJECTIVES[study.search.objective]
     searcher = FinalResultOptunaSearch(
         space=functools.partial(suggest, space=study.search.space, base=study.base),
@@ -115,13 +120,17 @@ def run_search(
             max_concurrent_trials=study.search.max_concurrent_trials,
             reuse_actors=True,  # a finished trial's process takes the next: no start, no imports
         ),
-        run_config=_run_config(study, "search", record),
+        run_config=_run_config(study, "search", record, progress),
     )
     return tuner.fit()
 
 
 def run_confirm(
-    study: StudyConfig, scratch: Scratch, runs: list[dict[str, Any]], record: StudyRecord | None
+    study: StudyConfig,
+    scratch: Scratch,
+    runs: list[dict[str, Any]],
+    record: StudyRecord | None,
+    live: bool | None = None,
 ):
     """The confirmation runs (`search.confirm`, listed by `confirm_runs`) as Tune trials of
     their own; returns Tune's `ResultGrid`, each result's config naming its run by index."""
@@ -135,16 +144,18 @@ def run_confirm(
             record=record,
         ),
     )
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     path = study.storage(study.experiment, "tune", "confirm")
+    progress = progress_callback(study, "confirm", runs, live)
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True).fit()
+        return _quiet(tune.Tuner.restore(path, trainable, resume_unfinished=True), progress).fit()
     tuner = tune.Tuner(
         trainable,
         param_space={"run": tune.grid_search(list(range(len(runs))))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=study.search.max_concurrent_trials, reuse_actors=True
         ),
-        run_config=_run_config(study, "confirm", record),
+        run_config=_run_config(study, "confirm", record, progress),
     )
     return tuner.fit()
 
@@ -170,15 +181,51 @@ def _with_resources(study: StudyConfig, trainable):
     return tune.with_resources(trainable, trial_resources(study))
 
 
-def _run_config(study: StudyConfig, name: str, record: StudyRecord | None) -> tune.RunConfig:
+def _run_config(
+    study: StudyConfig, name: str, record: StudyRecord | None, progress: TrialProgress
+) -> tune.RunConfig:
     # Tune retries a trial that trains in its own process; a TorchTrainer retries its workers
     retries = study.base.resources.max_failures if solo.applies(study.base) else 0
     return tune.RunConfig(
         name=name,
         storage_path=study.storage(study.experiment, "tune"),
         failure_config=tune.FailureConfig(max_failures=retries),
-        callbacks=[trial_runs_callback(study, record)] if record else [],
+        callbacks=[*([trial_runs_callback(study, record)] if record else []), progress],
+        verbose=0,  # no status tables: `progress` prints a line per trial
     )
+
+
+def progress_callback(
+    study: StudyConfig,
+    name: str,
+    runs: list[dict[str, Any]] | None = None,
+    live: bool | None = None,
+) -> TrialProgress:
+    """The driver's lines of the trials of Tune experiment `name` (`search` or `confirm`, whose
+    `runs` say what each trial re-runs)."""
+    schedule = study.base.schedule
+    return TrialProgress(
+        study.base.train.steps,
+        stages=len(schedule.depths) if schedule else None,
+        kind="trial" if name == "search" else "re-run",
+        runs=runs,
+        storage=study.storage(study.experiment, "tune", name),
+        run_root=join_uri(study.study_dir, "trials"),
+        live=live,
+    )
+
+
+def _quiet(tuner: tune.Tuner, progress: TrialProgress) -> tune.Tuner:
+    """A restored Tuner runs with the RunConfig pickled when its study started (callbacks and
+    verbosity included): give it this run's progress lines and no status tables (a study begun
+    before they existed too). Private to Ray (`Tuner._local_tuner`; None under Ray Client, which
+    keeps the pickled settings)."""
+    internal = getattr(tuner, "_local_tuner", None)
+    if internal is not None:
+        config = internal.get_run_config()
+        kept = [c for c in config.callbacks or [] if not isinstance(c, TrialProgress)]
+        config.callbacks, config.verbose = [*kept, progress], 0
+    return tuner
 
 
 def _sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:

@@ -215,7 +215,7 @@ class Trainer:
             initial=self.state.step,
             desc=self.cfg.name,
             unit="step",
-            disable=not self.progress,
+            disable=None if self.progress else True,  # None: on a terminal only
             dynamic_ncols=True,
         )
         try:

@@ -3,6 +3,7 @@
     python -m apollo_ray.tune search_spaces/small.yaml            # CPU demo, local Ray
     python -m apollo_ray.tune search_spaces/bert.yaml --address auto
     python -m apollo_ray.tune search_spaces/small.yaml --resume   # finish an interrupted study
+    python -m apollo_ray.tune search_spaces/small.yaml --verbose  # Ray's logs on the terminal too
 
 In order: the study file is validated, the data prepared if the study asks for it and checked
 against the base run (`check_data`), the MLflow server checked (or a local one started), Ray
@@ -10,6 +11,11 @@ joined and its resources checked; then the scratch frontier is trained once (or 
 `<output_dir>/baselines/`), the trials run (`apollo_ray.search`), and the end is summarised: a
 table, `best.yaml` (a ready-to-use run config) and `summary.json` in
 `<output_dir>/<experiment>/`, and the study's MLflow run.
+
+While the trials run, the terminal shows one line per running trial (`apollo_ray.progress`),
+redrawn in place; without a terminal (CI, a log file) one line as each trial starts and one as
+it ends. Ray's own logs and the workers' output stay in Ray's log files
+(/tmp/ray/session_latest/logs) unless --verbose.
 """
 
 from __future__ import annotations
@@ -26,7 +32,14 @@ from apollo_ray.storage import is_uri
 from apollo_ray.study import StudyConfig, load_study
 from apollo_ray.trainer import NonFiniteLossError
 
-__all__ = ["check_new_or_resumed", "check_resources", "main", "prepare_data", "run_study"]
+__all__ = [
+    "check_new_or_resumed",
+    "check_resources",
+    "main",
+    "prepare_data",
+    "run_study",
+    "where_to_look",
+]
 
 
 def prepare_data(study: StudyConfig) -> None:
@@ -83,32 +96,66 @@ def check_resources(study: StudyConfig) -> None:
             )
 
 
-def run_study(study: StudyConfig, yaml_path: str, address: str | None, resume: bool) -> None:
-    """Everything after the cheap checks: tracking, Ray, the baseline, the search, the end."""
+def run_study(
+    study: StudyConfig,
+    yaml_path: str,
+    address: str | None,
+    resume: bool,
+    verbose: bool = False,
+) -> None:
+    """Everything after the cheap checks: tracking, Ray, the baseline, the search, the end.
+    Unless `verbose`, Ray's logs and the workers' output stay in Ray's log files and the trials
+    show as live lines (`apollo_ray.progress`)."""
     import ray
 
     from apollo_ray.baseline import ensure_frontier
+    from apollo_ray.progress import calm_driver
     from apollo_ray.results import log_study_results
     from apollo_ray.search import confirm_runs, run_confirm, run_search
     from apollo_ray.summary import confirmation, summarize, trial_rows
     from apollo_ray.tracking import study_run
 
+    quiet = calm_driver(verbose)
+    live = False if verbose else None  # the workers' output would run through live lines
     with tracking_uri(study.tracking.mlflow_uri, study.output_dir) as uri:
         check_tracking(uri)
         if not ray.is_initialized():
-            ray.init(address=address or os.environ.get("RAY_ADDRESS"))
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), **quiet)
         check_resources(study)
         with study_run(study, yaml_path, uri, resume) as record:
             scratch = ensure_frontier(study, record)
-            rows = trial_rows(study, run_search(study, scratch, record))
+            rows = trial_rows(study, run_search(study, scratch, record, live=live))
             confirmed = None
             done = [r for r in rows if r["status"] == "ok"]
             if study.search.confirm is not None and done:
                 runs = confirm_runs(study, done[: study.search.confirm.top_k])
-                grid = run_confirm(study, scratch, runs, record)
+                grid = run_confirm(study, scratch, runs, record, live=live)
                 confirmed = confirmation(study, runs, grid)
-            summary = summarize(study, rows, scratch, confirmed)
+            print()
+            summary = summarize(study, rows, scratch, confirmed)  # prints the table
             log_study_results(record, study, summary, scratch)
+    print("\n" + where_to_look(study))
+
+
+def where_to_look(study: StudyConfig) -> str:
+    """The lines that close a study's output: its files, its MLflow records, the logs."""
+    from apollo_ray.progress import RAY_LOGS
+
+    out = Path(study.study_dir)
+    configured = study.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        mlflow = f"MLflow: {configured} (experiment {study.experiment})"
+    else:
+        make = "; or make ui" if Path(study.output_dir) == Path("outputs") else ""
+        mlflow = f"MLflow UI: python -m apollo_ray.ui --output-dir {study.output_dir}{make}"
+    return "\n".join(
+        [
+            f"summary: {out / 'summary.txt'} (also summary.json; best.yaml: the best schedule)",
+            mlflow,
+            f"trials: {out / 'trials'}/<trial> (metrics.jsonl); Tune: {out / 'tune'}; "
+            f"Ray's logs: {RAY_LOGS}",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,17 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's logs and the workers' output too (otherwise only in Ray's log files)",
+    )
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study)
         check_new_or_resumed(study, args.resume)
         prepare_data(study)
         check_data(study.base.data, study.base.model.kind)
-        run_study(study, args.study, args.address, args.resume)
+        run_study(study, args.study, args.address, args.resume, args.verbose)
     except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"summary: {Path(study.study_dir) / 'summary.json'}")
     return 0
 
 

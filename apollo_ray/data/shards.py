@@ -199,7 +199,13 @@ class _Counter:
 
 
 def _progress(sources: list[Source], max_documents: int | None, what: str) -> Iterator[str]:
-    return tqdm(iter_documents(sources, max_documents), what, max_documents, unit=" docs")
+    return tqdm(
+        iter_documents(sources, max_documents),
+        what,
+        max_documents,
+        unit=" docs",
+        disable=None,  # on a terminal only: elsewhere each redraw would be a line of a log
+    )
 
 
 def _dtype(vocab_size: int) -> Literal["uint16", "uint32"]:
@@ -229,7 +235,7 @@ def _write_splits(
     writers = {name: _ShardWriter(out, name, shard_tokens) for name in SPLITS}
     tok.encode_special_tokens = True  # "[SEP]" inside a text is text, not a separator
     documents = iter_documents(sources, max_documents)
-    bar = tqdm(desc="tokenizing", unit=" docs", total=len(is_val))
+    bar = tqdm(desc="tokenizing", unit=" docs", total=len(is_val), disable=None)
     index = 0
     while batch := list(islice(documents, ENCODE_BATCH)):
         for encoding in tok.encode_batch(batch, add_special_tokens=False):
