@@ -219,7 +219,7 @@ def test_head_relay_uploads_from_the_head_node(ray_cluster, tmp_path, gpt_data):
         assert actor.node_id == context.get_node_id()
     with (cfg.output_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 13, "loss": 1.0}) + "\n")
+    mirrored.checkpoint("step-0000013", "unused", {})  # row 13 is final: to be uploaded
     with pytest.warns(RuntimeWarning, match="training goes on"):
-        mirrored.checkpoint("step-0000013", "unused", {})  # row 13 is final: upload it
-    assert mirrored.flush() is False  # server down: a failed upload, not a stuck trainer
+        assert mirrored.flush() is False  # server down: a failed upload, not a stuck trainer
     assert pending_rows(cfg.output_dir) == 1
