@@ -1,8 +1,8 @@
 # Two entry points for a fresh machine (Python 3.11, as in requirements.lock, with venv):
 #   make demo   install everything into .venv, run the main job: a schedule search on the demo
 #               corpus (local Ray, local outputs/)
-#   make test   install everything into .venv (and Chromium and PostgreSQL for the browser and
-#               database tests), lint, run the test suite
+#   make test   install everything into .venv (and Chromium, PostgreSQL and rsync for the tests that
+#               use them), lint, run the test suite
 #   make ui     the MLflow UI over outputs/ on http://127.0.0.1:5000
 # torch is installed first and on its own so that pip keeps the build you ask for
 # (TORCH=torch==2.13.0 is the CPU build on our dev machines; pass e.g. TORCH=torch for CUDA).
@@ -15,7 +15,7 @@ PY := $(VENV)/bin/python
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install lock demo test lint browser postgres ui clean
+.PHONY: install lock demo test lint browser postgres rsync ui clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -66,7 +66,14 @@ postgres:
 	    $(SUDO) apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "postgresql not installed: the MLflow-on-PostgreSQL test will be skipped"
 
-test: lint browser postgres
+# rsync, for the dry run of the cluster files' filters (tests/test_cluster_commands.py)
+rsync:
+	@command -v rsync >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $(SUDO) apt-get install -y -qq rsync >/dev/null; } || \
+	  echo "rsync not installed: the cluster files' rsync dry run will be skipped"
+
+test: lint browser postgres rsync
 	$(VENV)/bin/pytest
 
 ui: $(VENV)/.installed
