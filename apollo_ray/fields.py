@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from apollo_ray.config import RunConfig
+from apollo_ray.storage import redact
 
 __all__ = ["FIELDS", "SECTIONS", "TOP_LEVEL", "encode", "flatten", "is_int_field", "substitute"]
 
@@ -77,8 +78,8 @@ def encode(value: Any) -> Any:
 
 
 def flatten(cfg: RunConfig) -> dict[str, Any]:
-    """{dotted path: scalar} of a run, lists as "1,3,6": MLflow parameters. A from-scratch run
-    has `schedule: None`."""
+    """{dotted path: scalar} of a run, lists as "1,3,6": MLflow parameters, with the password
+    of a URI (`s3://KEY:SECRET@...`) hidden. A from-scratch run has `schedule: None`."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -86,7 +87,8 @@ def flatten(cfg: RunConfig) -> dict[str, Any]:
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
         else:
-            flat[prefix] = encode(value)
+            encoded = encode(value)
+            flat[prefix] = redact(encoded) if isinstance(encoded, str) else encoded
 
     walk("", cfg.model_dump(mode="json"))
     return flat

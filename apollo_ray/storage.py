@@ -7,16 +7,36 @@ the end), how to open it and how to pin a local path down before it crosses to a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow.fs
 
-__all__ = ["absolute", "fetch", "filesystem", "is_uri", "join_uri", "read_bytes"]
+__all__ = ["absolute", "fetch", "filesystem", "is_uri", "join_uri", "read_bytes", "redact"]
+
+# `scheme://user:password@`: the password runs to the first `@` (one inside it is written %40),
+# as SQLAlchemy reads it; a `${VAR}` or `$VAR` reference is no secret.
+_CREDENTIAL = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*:)(?P<password>[^@\s'\"]+)@"
+)
+_REFERENCE = re.compile(r"\$(\{\w+\}|\w+)")
 
 
 def is_uri(location: str | Path) -> bool:
     """Whether `location` is a URI (`scheme://...`) rather than a local path."""
     return "://" in str(location)
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URI in it (`scheme://user:password@host`) replaced by
+    `***`, user and host kept: what may be logged or shown."""
+
+    def hide(m: re.Match[str]) -> str:
+        if _REFERENCE.fullmatch(m["password"]):
+            return m[0]
+        return f"{m['head']}***@"
+
+    return _CREDENTIAL.sub(hide, text)
 
 
 def join_uri(location: str, *parts: str) -> str:

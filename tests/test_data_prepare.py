@@ -204,3 +204,21 @@ def test_val_fraction_zero_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"doc_sep must be one of \('blank', 'line'\)"):
         prepare([str(corpus)], tmp_path / "out", "gpt", doc_sep="lines")  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["../x.arrow", "/etc/passwd", "sub/x.arrow", "..\\x.arrow", ".."])
+@pytest.mark.parametrize("field", ["file", "tokenizer"])
+def test_manifest_paths_must_be_plain_file_names(
+    tmp_path: Path, bert_data: Path, field: str, name: str
+) -> None:
+    raw = json.loads((bert_data / "manifest.json").read_text())
+    if field == "file":
+        raw["splits"]["train"]["shards"][0]["file"] = name
+        where = r"splits\.train\.shards\.0\.file"
+    else:
+        raw["tokenizer"] = name
+        where = "tokenizer"
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=rf"not a valid manifest(.|\n)*{where}(.|\n)*not a plain"):
+        load_manifest(tmp_path)
+    assert load_manifest(bert_data).splits["train"].shards  # the prepared data still loads

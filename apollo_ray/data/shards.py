@@ -23,12 +23,12 @@ import os
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -54,10 +54,20 @@ SPLITS = ("train", "val")
 ENCODE_BATCH = 512  # documents per `encode_batch` call (it encodes in parallel)
 
 
+def _file_name(value: str) -> str:
+    """A name in the data folder: a manifest cannot point outside it (`../`, `/etc/...`)."""
+    if not value or "/" in value or "\\" in value or value in {".", ".."}:
+        raise ValueError(f"{value!r} is not a plain file name in the data folder")
+    return value
+
+
+FileName = Annotated[str, AfterValidator(_file_name)]
+
+
 class ShardInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    file: str
+    file: FileName
     tokens: int
 
 
@@ -76,7 +86,7 @@ class Manifest(BaseModel):
 
     format_version: Literal[1] = FORMAT_VERSION
     kind: Kind
-    tokenizer: str = TOKENIZER
+    tokenizer: FileName = TOKENIZER
     vocab_size: int
     special_ids: dict[str, int]
     dtype: Literal["uint16", "uint32"]
