@@ -233,6 +233,12 @@ class ResourcesConfig(Strict):
         description="auto: a run of one worker trains in its trial's own process (or one Ray "
         "task), several in a Ray Train worker group; always: a worker group even for one",
     )
+    placement: Literal["PACK", "STRICT_PACK", "SPREAD"] = Field(
+        "PACK",
+        description="how Ray places the workers: PACK on as few nodes as it can, STRICT_PACK on "
+        "one node (NVLink between a multi-GPU trial's GPUs; it waits for a node that holds them "
+        "all), SPREAD over as many as it can",
+    )
 
 
 class RunConfig(Strict):

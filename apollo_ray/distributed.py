@@ -173,6 +173,7 @@ def build_trainer(
             num_workers=res.workers,
             use_gpu=res.gpus_per_worker > 0,
             resources_per_worker=per_worker,
+            placement_strategy=res.placement,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.output_dir.name,

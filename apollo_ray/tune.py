@@ -72,28 +72,38 @@ def check_new_or_resumed(study: StudyConfig, resume: bool) -> None:
         )
 
 
-def check_resources(study: StudyConfig) -> None:
-    """A trial that needs more than the whole cluster has would wait forever: refuse it."""
+def check_resources(study: StudyConfig) -> bool:
+    """Refuse a trial that the cluster can never hold, now or grown by its autoscaler (it
+    would wait forever); ask the autoscaler for the nodes of one trial that must wait for them
+    (True: asked; the request stands until it is cleared)."""
     import ray
+    from ray.autoscaler.sdk import request_resources
 
     from apollo_ray import solo
+    from apollo_ray.capacity import fits_now, node_types, shortfall
     from apollo_ray.search import trial_resources
 
-    res, total = study.base.resources, ray.cluster_resources()
-    need = {
-        "CPU": res.workers * res.cpus_per_worker,
-        "GPU": res.workers * res.gpus_per_worker,
-        **{k: res.workers * v for k, v in res.worker_resources.items()},
-    }
-    if not solo.applies(study.base):  # the trial's driver, beside its TorchTrainer's workers
-        need["CPU"] += trial_resources(study)["CPU"]
-    for kind, amount in need.items():
-        if amount > total.get(kind, 0):
-            raise ConfigError(
-                f"base.resources: a trial needs {amount:g} {kind} ({res.workers} workers and "
-                f"its driver) but the Ray cluster has {total.get(kind, 0):g}; lower "
-                f"base.resources.workers or its per-worker {kind} (or add nodes)"
-            )
+    res, now = study.base.resources, ray.cluster_resources()
+    per_worker = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker, **res.worker_resources}
+    # the trial's driver, beside its TorchTrainer's workers
+    driver = 0.0 if solo.applies(study.base) else trial_resources(study)["CPU"]
+    types = node_types()
+    problem = shortfall(per_worker, res.workers, now, types, driver, res.placement == "STRICT_PACK")
+    if problem:
+        more = "add nodes" if types is None else "add a node type or raise its max_workers"
+        raise ConfigError(
+            f"base.resources: {problem}; lower base.resources.workers or its per-worker "
+            f"resources (or {more})"
+        )
+    if types is None or fits_now(per_worker, res.workers, now, driver):
+        return False
+    request_resources(bundles=[{k: v for k, v in per_worker.items() if v}] * res.workers)
+    print(
+        f"asked the autoscaler for {res.workers} workers' nodes; the first trial starts when "
+        "they are up",
+        file=sys.stderr,
+    )
+    return True
 
 
 def run_study(
@@ -107,6 +117,7 @@ def run_study(
     Unless `verbose`, Ray's logs and the workers' output stay in Ray's log files and the trials
     show as live lines (`apollo_ray.progress`)."""
     import ray
+    from ray.autoscaler.sdk import request_resources
 
     from apollo_ray.baseline import ensure_frontier
     from apollo_ray.progress import calm_driver
@@ -121,19 +132,23 @@ def run_study(
         check_tracking(uri)
         if not ray.is_initialized():
             ray.init(address=address or os.environ.get("RAY_ADDRESS"), **quiet)
-        check_resources(study)
-        with study_run(study, yaml_path, uri, resume) as record:
-            scratch = ensure_frontier(study, record)
-            rows = trial_rows(study, run_search(study, scratch, record, live=live))
-            confirmed = None
-            done = [r for r in rows if r["status"] == "ok"]
-            if study.search.confirm is not None and done:
-                runs = confirm_runs(study, done[: study.search.confirm.top_k])
-                grid = run_confirm(study, scratch, runs, record, live=live)
-                confirmed = confirmation(study, runs, grid)
-            print()
-            summary = summarize(study, rows, scratch, confirmed)  # prints the table
-            log_study_results(record, study, summary, scratch)
+        asked = check_resources(study)
+        try:
+            with study_run(study, yaml_path, uri, resume) as record:
+                scratch = ensure_frontier(study, record)
+                rows = trial_rows(study, run_search(study, scratch, record, live=live))
+                confirmed = None
+                done = [r for r in rows if r["status"] == "ok"]
+                if study.search.confirm is not None and done:
+                    runs = confirm_runs(study, done[: study.search.confirm.top_k])
+                    grid = run_confirm(study, scratch, runs, record, live=live)
+                    confirmed = confirmation(study, runs, grid)
+                print()
+                summary = summarize(study, rows, scratch, confirmed)  # prints the table
+                log_study_results(record, study, summary, scratch)
+        finally:
+            if asked:  # the request stays until overridden: let idle nodes go again
+                request_resources(num_cpus=0)
     print("\n" + where_to_look(study))
 
 
@@ -146,7 +161,9 @@ def where_to_look(study: StudyConfig) -> str:
     if configured:
         mlflow = f"MLflow: {configured} (experiment {study.experiment})"
     else:
-        make = "; or make ui" if Path(study.output_dir) == Path("outputs") else ""
+        make = (
+            "; or make ui" if Path(study.output_dir).resolve() == Path("outputs").resolve() else ""
+        )
         mlflow = f"MLflow UI: python -m apollo_ray.ui --output-dir {study.output_dir}{make}"
     return "\n".join(
         [

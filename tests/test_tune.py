@@ -91,7 +91,9 @@ def test_more_workers_than_the_cluster_has(ray_cluster, tmp_path, gpt_data):
     data["base"]["resources"]["workers"] = 64
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(
-        ConfigError, match=r"base\.resources: a trial needs 64\.1 CPU \(64 workers and its driver\)"
+        ConfigError,
+        match=r"base\.resources: a trial needs 64\.1 CPU \(64 workers and its driver\) but the Ray "
+        r"cluster has \d+, and no autoscaler",
     ):
         check_resources(load_study(path))
 
