@@ -18,7 +18,15 @@ from typing import Any
 
 import yaml
 
-__all__ = ["NodeType", "fits_now", "from_config", "node_types", "shortfall", "workers_that_fit"]
+__all__ = [
+    "NodeType",
+    "describe",
+    "fits_now",
+    "from_config",
+    "node_types",
+    "shortfall",
+    "workers_that_fit",
+]
 
 MONITOR_FLAG = "--autoscaling-config="  # how the head's autoscaler (monitor.py) names its config
 
@@ -117,7 +125,7 @@ def shortfall(
     whole = types and any(workers_that_fit(per_worker, t.resources) >= workers for t in types)
     if one_node and types is not None and not whole:
         return (
-            f"placement STRICT_PACK puts all {workers} workers of {_resources(per_worker)} "
+            f"placement STRICT_PACK puts all {workers} workers of {describe(per_worker)} "
             f"on one node, and no node type of the autoscaler holds them: {_listed(types)}"
         )
     if fits_now(per_worker, workers, now, driver_cpu):
@@ -131,25 +139,26 @@ def shortfall(
             f"a trial needs {amount:g} {kind} ({who}) but the Ray cluster has "
             f"{now.get(kind, 0):g}, and no autoscaler to add nodes"
         )
-    listed = "; ".join(f"{t.name} (up to {t.max_count}): {_resources(t.resources)}" for t in types)
+    listed = _listed(types)
     holding = [(t, workers_that_fit(per_worker, t.resources)) for t in types]
     if not any(n for _, n in holding):
         return (
-            f"one worker needs {_resources(per_worker)}, more than any node type of the "
+            f"one worker needs {describe(per_worker)}, more than any node type of the "
             f"autoscaler offers: {listed}"
         )
     most = sum(n * t.max_count for t, n in holding)
     if most < workers:
         return (
-            f"a trial needs {workers} workers of {_resources(per_worker)} at once, but the "
+            f"a trial needs {workers} workers of {describe(per_worker)} at once, but the "
             f"autoscaler's node types hold at most {most}: {listed}"
         )
     return None
 
 
 def _listed(types: list[NodeType]) -> str:
-    return "; ".join(f"{t.name} (up to {t.max_count}): {_resources(t.resources)}" for t in types)
+    return "; ".join(f"{t.name} (up to {t.max_count}): {describe(t.resources)}" for t in types)
 
 
-def _resources(resources: dict[str, float]) -> str:
+def describe(resources: dict[str, float]) -> str:
+    """Ray resources as a person reads them: `1 CPU, 1 GPU`."""
     return ", ".join(f"{amount:g} {kind}" for kind, amount in resources.items() if amount) or "-"
