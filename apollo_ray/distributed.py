@@ -15,7 +15,6 @@ worker costs the steps since the last checkpoint, not the run.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict
 from typing import Any
 
@@ -29,6 +28,7 @@ from apollo_ray.checkpoints import RayStore
 from apollo_ray.config import RunConfig
 from apollo_ray.faults import FaultInjection
 from apollo_ray.mirror import RunMirror, Target, Uploader, head_local
+from apollo_ray.preflight import join_ray
 from apollo_ray.runlog import DIVERGED, METRICS
 from apollo_ray.storage import absolute, join_uri
 from apollo_ray.trainer import NonFiniteLossError, Trainer
@@ -199,7 +199,7 @@ def run(
     bar on the workers unless `progress`: Ray forwards each redraw of a worker's bar to the
     driver as a line of its own (and a study's scratch runs would print theirs)."""
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        join_ray(address, log_to_driver=True)
     trainer = build_trainer(
         cfg, storage_path=storage_path, faults=faults, progress=progress, tracking=tracking
     )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from apollo_ray.config import ConfigError
 from apollo_ray.mirror import quick_failure
+from apollo_ray.storage import redact
 
 __all__ = ["DB_NAME", "LocalServer", "check_tracking", "local_store", "serving", "tracking_uri"]
 
@@ -171,15 +172,20 @@ def tracking_uri(configured: str | None, output_dir: str) -> Iterator[str]:
         yield server.uri
 
 
-def check_tracking(uri: str) -> None:
-    """Fail fast, before Ray starts, with the URI in the message if MLflow does not answer."""
+def check_tracking(uri: str, field: str | None = None) -> None:
+    """Fail fast, before Ray starts, if MLflow does not answer at `uri`, naming where the URI
+    came from: `field` (a YAML field or option), else MLFLOW_TRACKING_URI."""
     from mlflow import MlflowClient
 
     try:
         with quick_failure(patient=False):
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:
+        source = field or (
+            "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "MLflow"
+        )
         raise ConfigError(
-            f"tracking.mlflow_uri: MLflow at {uri} does not answer ({type(e).__name__}); start "
-            "the server, fix the URI, or leave it null for the local store"
+            f"{source}: MLflow at {redact(uri)} does not answer ({type(e).__name__}); start the "
+            "server (on a cluster, ray up starts it on the head), fix the URI, or leave it out "
+            "for the local store in output_dir"
         ) from None

@@ -31,7 +31,9 @@ from apollo_ray.checkpoints import LocalStore, StorageStore
 from apollo_ray.config import ConfigError, RunConfig, load_run_config
 from apollo_ray.data import DataError, check_data
 from apollo_ray.mirror import POLICIES, RunMirror, Target
+from apollo_ray.preflight import machine, placeholders, storage
 from apollo_ray.runlog import METRICS
+from apollo_ray.storage import is_uri
 from apollo_ray.trainer import NonFiniteLossError, Trainer
 
 __all__ = ["main"]
@@ -123,12 +125,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None:
             overrides["resources.workers"] = args.workers
         cfg = load_run_config(args.config, overrides)
-        check_data(cfg.data, cfg.model.kind)
         kills = {"kill_at_step": args.kill_at_step}
         kills["kill_after_checkpoint"] = args.kill_after_checkpoint
         faults = {k: v for k, v in kills.items() if v is not None}
         on_ray = bool(cfg.resources.workers > 1 or args.workers or args.address or faults)
+        placeholders({"data.path": cfg.data.path, "--mlflow-uri": args.mlflow_uri})
+        if on_ray:
+            machine(cfg.resources, args.address)
+        if not is_uri(cfg.data.path):
+            check_data(cfg.data, cfg.model.kind)
         if args.no_track:
+            check_remote_data(cfg)
             metrics = train(cfg, args, faults, on_ray, None)
         else:
             metrics = tracked(cfg, args, faults, on_ray)
@@ -141,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         f"final eval loss {metrics['eval_loss']:.4f}\nmetrics: {cfg.output_dir / METRICS}"
     )
     return 0
+
+
+def check_remote_data(cfg: RunConfig) -> None:
+    """Data at a URI: reached within a deadline, then checked (local data is checked first)."""
+    if is_uri(cfg.data.path):
+        storage("data.path", cfg.data.path)
+        check_data(cfg.data, cfg.model.kind)
 
 
 def train(
@@ -174,7 +188,8 @@ def tracked(
     # where the checkpoints are: Ray Train's folders in out_dir, or out_dir/checkpoints/
     store = StorageStore(str(cfg.output_dir), keep) if on_ray else LocalStore(cfg.output_dir, keep)
     with tracking_uri(args.mlflow_uri, args.output_dir) as uri:
-        check_tracking(uri)
+        check_tracking(uri, "--mlflow-uri" if args.mlflow_uri else None)
+        check_remote_data(cfg)
         with single_run(uri, args.experiment, cfg, args.checkpoints, store) as target:
             metrics = train(cfg, args, faults, on_ray, target)
             client = MlflowClient(uri)

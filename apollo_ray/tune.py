@@ -5,12 +5,14 @@
     python -m apollo_ray.tune search_spaces/small.yaml --resume   # finish an interrupted study
     python -m apollo_ray.tune search_spaces/small.yaml --verbose  # Ray's logs on the terminal too
 
-In order: the study file is validated, the data prepared if the study asks for it and checked
-against the base run (`check_data`), the MLflow server checked (or a local one started), Ray
-joined and its resources checked; then the scratch frontier is trained once (or reused from
-`<output_dir>/baselines/`), the trials run (`apollo_ray.search`), and the end is summarised: a
-table, `best.yaml` (a ready-to-use run config) and `summary.json` in
-`<output_dir>/<experiment>/`, and the study's MLflow run.
+In order, cheapest first (`apollo_ray.preflight`): the study file is validated and searched
+for placeholders (YOUR-BUCKET), the machine checked against a GPU study when no cluster is
+named, local data checked, the MLflow server checked (or a local one started), storage URIs
+reached, the data prepared if the study asks for it and checked against the base run
+(`check_data`), Ray joined and its resources checked; each failure is one `error:` line. Then
+the scratch frontier is trained once (or reused from `<output_dir>/baselines/`), the trials
+run (`apollo_ray.search`), and the end is summarised: a table, `best.yaml` (a ready-to-use run
+config) and `summary.json` in `<output_dir>/<experiment>/`, and the study's MLflow run.
 
 While the trials run, the terminal shows one line per running trial (`apollo_ray.progress`),
 redrawn in place; without a terminal (CI, a log file) one line as each trial starts and one as
@@ -26,13 +28,16 @@ import sys
 from pathlib import Path
 
 from apollo_ray.config import ConfigError
-from apollo_ray.data import DataError, check_data, prepare
+from apollo_ray.data import DataError, check_data, prepare, resolve_source
+from apollo_ray.data.shards import MANIFEST
 from apollo_ray.mlflow_server import check_tracking, tracking_uri
+from apollo_ray.preflight import join_ray, machine, placeholders, storage
 from apollo_ray.storage import is_uri
 from apollo_ray.study import StudyConfig, load_study
 from apollo_ray.trainer import NonFiniteLossError
 
 __all__ = [
+    "cheap_checks",
     "check_new_or_resumed",
     "check_resources",
     "main",
@@ -41,12 +46,45 @@ __all__ = [
     "where_to_look",
 ]
 
+BASE_DATA = "base.data.path"  # the YAML field a study's data errors name
 
-def prepare_data(study: StudyConfig) -> None:
-    """Prepare the study's data once, if it asks for it and it is not there yet."""
+
+def cheap_checks(study: StudyConfig, address: str | None) -> None:
+    """What needs no server, network or Ray: placeholders, the machine, the local data (its
+    manifest, or the local files the study prepares it from)."""
+    prepare_sources = study.prepare.sources if study.prepare else None
+    placeholders(
+        {
+            "storage_path": study.storage_path,
+            BASE_DATA: study.base.data.path,
+            "prepare.sources": prepare_sources,
+            "tracking.mlflow_uri": study.tracking.mlflow_uri,
+        }
+    )
+    machine(study.base.resources, address, "base.resources")
     path = study.base.data.path
-    if study.prepare is None or is_uri(path) or (Path(path) / "manifest.json").exists():
+    if is_uri(path):
         return
+    if not _needs_preparing(study):
+        check_data(study.base.data, study.base.model.kind, field=BASE_DATA)
+        return
+    for spec in prepare_sources or []:
+        if not spec.startswith("hub:"):  # a Hub dataset is reached when it is prepared
+            p = study.prepare
+            resolve_source(spec, text_column=p.text_column, split=p.split, doc_sep=p.doc_sep)
+
+
+def _needs_preparing(study: StudyConfig) -> bool:
+    path = study.base.data.path
+    return not (study.prepare is None or is_uri(path) or (Path(path) / MANIFEST).exists())
+
+
+def prepare_data(study: StudyConfig) -> bool:
+    """Prepare the study's data once, if it asks for it and it is not there yet (True: it
+    was prepared now)."""
+    if not _needs_preparing(study):
+        return False
+    path = study.base.data.path
     p = study.prepare
     prepare(
         p.sources,
@@ -58,6 +96,7 @@ def prepare_data(study: StudyConfig) -> None:
         text_column=p.text_column,
         split=p.split,
     )
+    return True
 
 
 def check_new_or_resumed(study: StudyConfig, resume: bool) -> None:
@@ -80,7 +119,7 @@ def check_resources(study: StudyConfig) -> bool:
     from ray.autoscaler.sdk import request_resources
 
     from apollo_ray import solo
-    from apollo_ray.capacity import fits_now, node_types, shortfall
+    from apollo_ray.capacity import describe, fits_now, node_types, shortfall
     from apollo_ray.search import trial_resources
 
     res, now = study.base.resources, ray.cluster_resources()
@@ -99,8 +138,8 @@ def check_resources(study: StudyConfig) -> bool:
         return False
     request_resources(bundles=[{k: v for k, v in per_worker.items() if v}] * res.workers)
     print(
-        f"asked the autoscaler for {res.workers} workers' nodes; the first trial starts when "
-        "they are up",
+        f"asked the autoscaler for nodes for the first trial ({res.workers} x "
+        f"{describe(per_worker)}); it starts when they are up",
         file=sys.stderr,
     )
     return True
@@ -113,9 +152,9 @@ def run_study(
     resume: bool,
     verbose: bool = False,
 ) -> None:
-    """Everything after the cheap checks: tracking, Ray, the baseline, the search, the end.
-    Unless `verbose`, Ray's logs and the workers' output stay in Ray's log files and the trials
-    show as live lines (`apollo_ray.progress`)."""
+    """Everything after the cheap checks: tracking, storage, data, Ray, the baseline, the
+    search, the end. Unless `verbose`, Ray's logs and the workers' output stay in Ray's log
+    files and the trials show as live lines (`apollo_ray.progress`)."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
@@ -129,9 +168,14 @@ def run_study(
     quiet = calm_driver(verbose)
     live = False if verbose else None  # the workers' output would run through live lines
     with tracking_uri(study.tracking.mlflow_uri, study.output_dir) as uri:
-        check_tracking(uri)
+        check_tracking(uri, "tracking.mlflow_uri" if study.tracking.mlflow_uri else None)
+        storage("storage_path", study.storage_path)
+        storage(BASE_DATA, study.base.data.path)
+        check_new_or_resumed(study, resume)
+        if prepare_data(study) or is_uri(study.base.data.path):  # local data: checked already
+            check_data(study.base.data, study.base.model.kind, field=BASE_DATA)
         if not ray.is_initialized():
-            ray.init(address=address or os.environ.get("RAY_ADDRESS"), **quiet)
+            join_ray(address, **quiet)
         asked = check_resources(study)
         try:
             with study_run(study, yaml_path, uri, resume) as record:
@@ -200,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study)
-        check_new_or_resumed(study, args.resume)
-        prepare_data(study)
-        check_data(study.base.data, study.base.model.kind)
+        cheap_checks(study, args.address)
         run_study(study, args.study, args.address, args.resume, args.verbose)
     except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)

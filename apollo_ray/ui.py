@@ -10,6 +10,7 @@ forward the port instead (`ssh -L 5000:127.0.0.1:5000 HOST`). Ctrl-C stops it.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if not _free(args.host, args.port):
+        print(
+            f"error: --port {args.port}: {args.host}:{args.port} is in use (an MLflow UI already "
+            "running? it shows the same store); choose another with --port",
+            file=sys.stderr,
+        )
+        return 2
     server = LocalServer(args.output_dir, port=args.port, host=args.host)
     try:
         with server:
@@ -50,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _free(host: str, port: int) -> bool:
+    """Whether a server could listen on `host:port` now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def test_train_refuses_too_small_a_val_split_before_training(
     assert train_main([str(tmp_path / "run.yaml"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert (
-        err.startswith(f"error: {gpt_data}: the val split has {val} tokens")
+        err.startswith(f"error: data.path: {gpt_data}: the val split has {val} tokens")
         and err.count("\n") == 1
     )
     assert f"evaluation needs at least {val + 1}" in err and "--val-fraction" in err

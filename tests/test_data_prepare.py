@@ -75,7 +75,9 @@ def test_file_uri_reads_the_same_tokens(bert_data: Path) -> None:
 
 def test_missing_manifest_says_run_prepare(tmp_path: Path) -> None:
     for location in (tmp_path, tmp_path.as_uri()):
-        with pytest.raises(DataError, match=r"run `python -m apollo_ray.data prepare` first"):
+        with pytest.raises(
+            DataError, match=r"run `python -m apollo_ray.data prepare SOURCES --out .*` first"
+        ):
             load_manifest(location)
 
 

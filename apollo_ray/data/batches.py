@@ -37,22 +37,30 @@ MIN_SEQ_LEN = DataConfig.model_fields["seq_len"].metadata[0].ge
 Split = Literal["train", "val"]
 
 
-def check_data(config: DataConfig, kind: Kind, splits: tuple[Split, ...] = SPLITS) -> Manifest:
+def check_data(
+    config: DataConfig,
+    kind: Kind,
+    splits: tuple[Split, ...] = SPLITS,
+    field: str = "data.path",
+) -> Manifest:
     """The manifest of `config.path`, checked from its token counts (no shard is read): the data
     was prepared for `kind`, and each of `splits` holds at least one sequence of
     `config.seq_len`. One is enough: evaluation reads the val split's sequences over again when
-    it wants more than there are."""
-    manifest = load_manifest(config.path)
-    if manifest.kind != kind:
-        raise DataError(
-            f"{config.path} was prepared for {manifest.kind}, not {kind}; "
-            f"prepare it again with --kind {kind}"
-        )
-    span, stride = _window(kind, config.seq_len)
-    for split in splits:
-        shard_tokens = [shard.tokens for shard in manifest.splits[split].shards]
-        if not sum(_sequences(shard_tokens, span, stride)):
-            raise DataError(_too_short(config, kind, split, shard_tokens))
+    it wants more than there are. A `DataError` names `field`, the YAML field of the path."""
+    try:
+        manifest = load_manifest(config.path)
+        if manifest.kind != kind:
+            raise DataError(
+                f"{config.path} was prepared for {manifest.kind}, not {kind}; "
+                f"prepare it again with --kind {kind}"
+            )
+        span, stride = _window(kind, config.seq_len)
+        for split in splits:
+            shard_tokens = [shard.tokens for shard in manifest.splits[split].shards]
+            if not sum(_sequences(shard_tokens, span, stride)):
+                raise DataError(_too_short(config, kind, split, shard_tokens))
+    except DataError as e:
+        raise DataError(f"{field}: {e}") from None
     return manifest
 
 

@@ -312,8 +312,8 @@ def load_manifest(location: str | Path) -> Manifest:
         text = read_bytes(join_uri(str(location), MANIFEST)).decode()
     except OSError:
         raise DataError(
-            f"{location}: no {MANIFEST}, so no prepared data here; "
-            "run `python -m apollo_ray.data prepare` first"
+            f"{location}: no {MANIFEST}, so no prepared data here; run `python -m "
+            f"apollo_ray.data prepare SOURCES --out {location}` first"
         ) from None
     try:
         return Manifest.model_validate(json.loads(text))
