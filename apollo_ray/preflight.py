@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -101,14 +102,41 @@ def join_ray(address: str | None, **options: Any) -> None:
     import ray
 
     named = address or os.environ.get("RAY_ADDRESS")
-    try:
-        ray.init(address=named, **options)
-    except ConnectionError as e:
-        source = "--address" if address else "RAY_ADDRESS"
-        raise ConfigError(
-            f"{source} {named}: no Ray cluster answers ({_line(e)}); start one (ray up "
-            "cluster/gpu.yaml, or ray start --head here) or leave it out for a local Ray"
-        ) from None
+    source = "--address" if address else "RAY_ADDRESS"
+    problem = _gcs_unreachable(named) if named else None
+    if problem is None:
+        try:
+            ray.init(address=named, **options)
+            return
+        except ConnectionError as e:
+            problem = _line(e)
+    raise ConfigError(
+        f"{source} {named}: no Ray cluster answers ({problem}); start one (ray up "
+        "cluster/gpu.yaml, or ray start --head here) or leave it out for a local Ray"
+    )
+
+
+def _gcs_unreachable(address: str) -> str | None:
+    """Why nothing listens at a `host:port` Ray address, or None if something does (or it is
+    `auto` or a `ray://` client address, which Ray itself resolves): `ray.init` would wait for
+    such a cluster for minutes. Ray dials this machine's address for 127.0.0.1 and localhost,
+    so those are tried both ways."""
+    if address == "auto" or "://" in address:
+        return None
+    from ray._private.services import get_node_ip_address
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return f"expected host:port, auto or ray://host:port, got {address!r}"
+    hosts = [host, get_node_ip_address()] if host in ("127.0.0.1", "localhost") else [host]
+    error: OSError | None = None
+    for candidate in hosts:
+        try:
+            socket.create_connection((candidate, int(port)), timeout=5).close()
+            return None
+        except OSError as e:
+            error = e
+    return f"{type(error).__name__}: {error.strerror or error}"
 
 
 def _within(seconds: float, call: Callable[[], T]) -> T:

@@ -54,7 +54,7 @@ def study_copy(tmp: Path, name: str, **changes) -> str:
     return str(path)
 
 
-def cases(tmp: Path, port: int) -> dict[str, Case]:
+def cases(tmp: Path, port: int, gpt_data: Path) -> dict[str, Case]:
     spaces = ROOT / "search_spaces"
     local = tmp / "local"
     return {
@@ -120,6 +120,16 @@ def cases(tmp: Path, port: int) -> dict[str, Case]:
             ["replace YOUR-BUCKET in data.path with your bucket"],
             deadline=PLACEHOLDER_DEADLINE,
         ),
+        # a Ray address where nothing listens (ray.init would wait for it for minutes)
+        "train, no Ray cluster": Case(
+            [
+                "train",
+                str(ROOT / "configs" / "gpt-tiny.yaml"),
+                *("--set", f"data.path={gpt_data}", "--set", "data.seq_len=32"),
+                *("--address", "127.0.0.1:1", "--no-track"),
+            ],
+            ["--address 127.0.0.1:1: no Ray cluster answers", "ray up cluster/gpu.yaml"],
+        ),
         "data prepare, missing file": Case(
             ["data", "prepare", "corpus.txt", "--kind", "bert", "--out", "data/corpus"],
             ["corpus.txt: no such file or directory"],
@@ -164,7 +174,7 @@ def run(case: Case, cwd: Path) -> tuple[int | None, str, float]:
 
 
 @pytest.mark.slow
-def test_documented_commands_fail_in_one_clear_line(tmp_path):
+def test_documented_commands_fail_in_one_clear_line(tmp_path, gpt_data):
     if shutil.which("unshare") is None:
         pytest.fail("unshare (util-linux) is needed to run commands without a network")
     store = tmp_path / "store"
@@ -173,7 +183,7 @@ def test_documented_commands_fail_in_one_clear_line(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        table = cases(tmp_path, busy.getsockname()[1])
+        table = cases(tmp_path, busy.getsockname()[1], gpt_data)
         cwd = tmp_path / "fresh"  # a fresh checkout's working directory: nothing prepared
         cwd.mkdir()
         (cwd / "cluster").mkdir()

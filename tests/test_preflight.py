@@ -5,7 +5,7 @@ import time
 import pytest
 
 from apollo_ray.config import ConfigError, ResourcesConfig
-from apollo_ray.preflight import machine, placeholders, storage
+from apollo_ray.preflight import join_ray, machine, placeholders, storage
 
 
 def test_placeholders_name_every_field_that_holds_one():
@@ -67,3 +67,15 @@ def test_storage_that_does_not_answer_in_time_is_refused(monkeypatch):
     monkeypatch.setattr(preflight, "filesystem", hang)
     with pytest.raises(ConfigError, match=r"base.data.path: gs://b/d did not answer within 0.2 s"):
         storage("base.data.path", "gs://b/d", timeout=0.2)
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_at_once(monkeypatch):
+    # ray.init would wait minutes for a GCS at an address where nothing listens
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError) as e:
+        join_ray("127.0.0.1:1")
+    assert str(e.value).startswith("--address 127.0.0.1:1: no Ray cluster answers (")
+    assert "ray up cluster/gpu.yaml" in str(e.value)
+    monkeypatch.setenv("RAY_ADDRESS", "localhost:nope")
+    with pytest.raises(ConfigError, match=r"RAY_ADDRESS localhost:nope: .*expected host:port"):
+        join_ray(None)
