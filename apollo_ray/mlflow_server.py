@@ -23,7 +23,15 @@ from apollo_ray.config import ConfigError
 from apollo_ray.mirror import quick_failure
 from apollo_ray.storage import redact
 
-__all__ = ["DB_NAME", "LocalServer", "check_tracking", "local_store", "serving", "tracking_uri"]
+__all__ = [
+    "DB_NAME",
+    "LocalServer",
+    "answers",
+    "check_tracking",
+    "local_store",
+    "serving",
+    "tracking_uri",
+]
 
 DB_NAME = "mlflow.db"
 ARTIFACTS = "mlartifacts"
@@ -103,7 +111,7 @@ class LocalServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mlflow server exited at start; see {self.log}")
-            if _answers(self.uri):
+            if answers(self.uri):
                 self.record.write_text(json.dumps({"uri": self.uri, "pid": self.process.pid}))
                 return self
             time.sleep(0.5)
@@ -132,7 +140,7 @@ def serving(output_dir: str | Path) -> str | None:
         os.kill(found["pid"], 0)
     except (OSError, ValueError, KeyError):
         return None
-    return found["uri"] if _answers(found["uri"]) else None
+    return found["uri"] if answers(found["uri"]) else None
 
 
 def _die_with_parent() -> None:
@@ -142,7 +150,8 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _answers(uri: str) -> bool:
+def answers(uri: str) -> bool:
+    """Whether an MLflow server answers its health check at `uri`."""
     import urllib.request
 
     try:

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from ray._common.usage.usage_constants import USAGE_STATS_ENABLED_ENV_VAR
 from ray.autoscaler._private.command_runner import DockerCommandRunner, SSHCommandRunner
 from ray.autoscaler._private.constants import RESOURCES_ENVIRONMENT_VARIABLE
 
-from apollo_ray.mlflow_server import free_port
+from apollo_ray.mlflow_server import answers, free_port
 
 ROOT = Path(__file__).parent.parent
 CLUSTER = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -94,14 +93,6 @@ def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
-        return False
-
-
-def _answers(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return r.status == 200
-    except OSError:
         return False
 
 
@@ -178,13 +169,13 @@ def test_head_starts_mlflow_and_a_second_ray_up_replaces_it(head: dict):
         return int(pid_file.read_text())
 
     first = ray_up()  # the shell that started it has exited: the server must outlive it
-    assert _running(first) and _answers(port)
+    assert _running(first) and answers(f"http://127.0.0.1:{port}")
     first_tree = {first} | _children(first)
 
     second = ray_up()
     assert second != first
     assert not any(map(_running, first_tree)), "the first server (or its workers) still runs"
-    assert _running(second) and _answers(port)
+    assert _running(second) and answers(f"http://127.0.0.1:{port}")
 
 
 def test_ray_up_fails_when_mlflow_does_not_start(head: dict):
