@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -247,6 +248,12 @@ def tiny_search(ray_cluster, tmp_path_factory, gpt_data) -> Path:
     path = tiny_study(root, gpt_data, confirm={"top_k": 2, "seeds": 2})
     assert main([str(path)]) == 0
     return root / "outputs"
+
+
+def reuse_frontier(tiny_search: Path, output_dir: Path) -> None:
+    """Give a tiny study writing to `output_dir` the shared tiny search's scratch frontier (same
+    base, so the same baseline keys): it reuses those runs instead of training them again."""
+    shutil.copytree(tiny_search / "baselines", output_dir / "baselines")
 
 
 # ------------------------------------------------------------------ a run's rows, in MLflow too

@@ -14,7 +14,6 @@ the config is written here."""
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 
 import pytest
 import yaml
-from conftest import tiny_study
+from conftest import reuse_frontier, tiny_study
 
 WORKER_TYPE = "gpu_worker"
 
@@ -110,7 +109,7 @@ def test_study_grows_an_autoscaling_cluster_from_its_head_alone(
     path.write_text(yaml.safe_dump(study))
     # the same base as the shared tiny search: its scratch frontier is reused, so only the
     # trial needs the worker node (the frontier's Ray tasks would ask for it the same way)
-    shutil.copytree(tiny_search / "baselines", tmp_path / "outputs" / "baselines")
+    reuse_frontier(tiny_search, tmp_path / "outputs")
 
     head = {"num_cpus": 1, "gcs_server_port": port}
     cluster = Cluster(

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from conftest import metrics_rows, tiny_study
+from conftest import metrics_rows, reuse_frontier, tiny_study
 from mlflow import MlflowClient
 
 from apollo_ray.baseline import ensure_frontier
@@ -99,8 +99,11 @@ def test_more_workers_than_the_cluster_has(ray_cluster, tmp_path, gpt_data):
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_without_redoing_trials(ray_cluster, tmp_path, gpt_data):
+def test_interrupted_search_resumes_without_redoing_trials(
+    ray_cluster, tmp_path, gpt_data, tiny_search
+):
     path = tiny_study(tmp_path, gpt_data, "resumable", trials=2, lrs=(3.0e-3,))
+    reuse_frontier(tiny_search, tmp_path / "outputs")
     out = tmp_path / "outputs" / "resumable"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.Popen(
@@ -144,10 +147,11 @@ def test_interrupted_search_resumes_without_redoing_trials(ray_cluster, tmp_path
 
 
 @pytest.mark.slow
-def test_killed_trial_is_retried_by_tune_and_resumes(ray_cluster, tmp_path, gpt_data):
+def test_killed_trial_is_retried_by_tune_and_resumes(ray_cluster, tmp_path, gpt_data, tiny_search):
     # a one-worker trial trains in its own process: Tune retries it (base.resources.max_failures)
     # and the retry resumes from the trial's newest checkpoint
     path = tiny_study(tmp_path, gpt_data, "killed", trials=1, lrs=(3.0e-3,))
+    reuse_frontier(tiny_search, tmp_path / "outputs")
     data = yaml.safe_load(path.read_text())
     data["base"]["resources"]["max_failures"] = 1
     path.write_text(yaml.safe_dump(data))
