@@ -10,7 +10,6 @@ them at once (`ray.autoscaler.sdk.request_resources`, in `apollo_ray.tune`).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +71,7 @@ def node_types() -> list[NodeType] | None:
     path = _monitor_config(ray.get_runtime_context().gcs_address)
     if path is None or not path.exists():
         return None
-    text = path.read_text()
-    return from_config(json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text))
+    return from_config(yaml.safe_load(path.read_text()))  # JSON or YAML: YAML reads both
 
 
 def _monitor_config(gcs_address: str) -> Path | None:
@@ -105,9 +103,15 @@ def fits_now(
     per_worker: dict[str, float], workers: int, now: dict[str, float], driver_cpu: float = 0.0
 ) -> bool:
     """Whether the cluster's resources `now` hold the workers and their driver's CPU."""
+    need = _need(per_worker, workers, driver_cpu)
+    return all(now.get(kind, 0) >= amount for kind, amount in need.items())
+
+
+def _need(per_worker: dict[str, float], workers: int, driver_cpu: float) -> dict[str, float]:
+    """All the resources of `workers` workers and their driver, by kind."""
     need = {kind: amount * workers for kind, amount in per_worker.items() if amount}
     need["CPU"] = need.get("CPU", 0) + driver_cpu
-    return all(now.get(kind, 0) >= amount for kind, amount in need.items())
+    return need
 
 
 def shortfall(
@@ -131,8 +135,7 @@ def shortfall(
     if fits_now(per_worker, workers, now, driver_cpu):
         return None
     if types is None:
-        need = {kind: amount * workers for kind, amount in per_worker.items() if amount}
-        need["CPU"] = need.get("CPU", 0) + driver_cpu
+        need = _need(per_worker, workers, driver_cpu)
         kind, amount = next((k, a) for k, a in need.items() if now.get(k, 0) < a)
         who = f"{workers} workers" + (" and its driver" if driver_cpu else "")
         return (
