@@ -198,8 +198,7 @@ def run(
     return the Ray Train `Result`. Raises `NonFiniteLossError` if the loss diverged. No progress
     bar on the workers unless `progress`: Ray forwards each redraw of a worker's bar to the
     driver as a line of its own (and a study's scratch runs would print theirs)."""
-    if not ray.is_initialized():
-        join_ray(address, log_to_driver=True)
+    join_ray(address, log_to_driver=True)
     trainer = build_trainer(
         cfg, storage_path=storage_path, faults=faults, progress=progress, tracking=tracking
     )

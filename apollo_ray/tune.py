@@ -68,9 +68,9 @@ def cheap_checks(study: StudyConfig, address: str | None) -> None:
     if not _needs_preparing(study):
         check_data(study.base.data, study.base.model.kind, field=BASE_DATA)
         return
-    for spec in prepare_sources or []:
+    p = study.prepare
+    for spec in p.sources:
         if not spec.startswith("hub:"):  # a Hub dataset is reached when it is prepared
-            p = study.prepare
             resolve_source(spec, text_column=p.text_column, split=p.split, doc_sep=p.doc_sep)
 
 
@@ -155,7 +155,6 @@ def run_study(
     """Everything after the cheap checks: tracking, storage, data, Ray, the baseline, the
     search, the end. Unless `verbose`, Ray's logs and the workers' output stay in Ray's log
     files and the trials show as live lines (`apollo_ray.progress`)."""
-    import ray
     from ray.autoscaler.sdk import request_resources
 
     from apollo_ray.baseline import ensure_frontier
@@ -174,8 +173,7 @@ def run_study(
         check_new_or_resumed(study, resume)
         if prepare_data(study) or is_uri(study.base.data.path):  # local data: checked already
             check_data(study.base.data, study.base.model.kind, field=BASE_DATA)
-        if not ray.is_initialized():
-            join_ray(address, **quiet)
+        join_ray(address, **quiet)
         asked = check_resources(study)
         try:
             with study_run(study, yaml_path, uri, resume) as record:
