@@ -171,6 +171,8 @@ def train(
         return distributed.run(cfg, args.address, faults or None, tracking=target).metrics
     tracker = RunMirror(target, cfg.output_dir, cfg.train.steps) if target else None
     trainer = Trainer(cfg, device=args.device, progress=not args.no_progress, tracker=tracker)
+    if trainer.state.step:
+        print(f"resuming {cfg.name} from step {trainer.state.step}", file=sys.stderr)
     return asdict(trainer.fit())
 
 
