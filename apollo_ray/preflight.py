@@ -98,15 +98,15 @@ def storage(field: str, location: str | None, timeout: float = STORAGE_TIMEOUT) 
 
 def join_ray(address: str | None, **options: Any) -> None:
     """`ray.init` on the cluster at `address` (else RAY_ADDRESS, else a new local Ray), unless
-    this process has joined one already; a cluster that does not answer is a `ConfigError`
-    naming where the address came from."""
+    this process has joined one already; a named cluster that does not answer is a
+    `ConfigError` naming where the address came from, whether or not Ray is up here."""
     import ray
 
-    if ray.is_initialized():
-        return
     named = address or os.environ.get("RAY_ADDRESS")
     source = "--address" if address else "RAY_ADDRESS"
     problem = _gcs_unreachable(named) if named else None
+    if problem is None and ray.is_initialized():
+        return
     if problem is None:
         try:
             ray.init(address=named, **options)
