@@ -4,8 +4,9 @@ Tune already hands the study driver, instead of Tune's status tables and the wor
 `TrialProgress` is a Tune callback in the driver. On a terminal it keeps one live line per
 running trial (step/steps, stage, depth, loss, tokens/s, time left from its step rate) and
 redraws them in place; elsewhere (CI, `| tee`, a log file) it prints one line when a trial
-starts and one when it ends, finished, stopped early by the scheduler, or failed (with the last
-line of its error, Tune's error file and the run's folder), and nothing per step.
+starts and one when it ends, finished, stopped early by the scheduler, diverged (with why and
+where) or failed (with the last line of its error, Tune's error file and the run's
+folder), and nothing per step.
 `calm_driver` turns the rest down: Tune's own reporter and trial tracebacks, Ray's INFO logs and
 the workers' output forwarded to the driver (all still in /tmp/ray/session_latest/logs), unless
 `python -m apollo_ray.tune --verbose`.
@@ -25,6 +26,7 @@ from typing import Any, TextIO
 
 from ray.tune.callback import Callback
 
+from apollo_ray.runlog import DIVERGED_KEY
 from apollo_ray.storage import join_uri
 
 __all__ = ["RAY_LOGS", "TrialProgress", "calm_driver", "duration", "last_error_line"]
@@ -262,6 +264,9 @@ class TrialProgress(Callback):
         row = {**(getattr(trial, "last_result", None) or {}), **(run.row if run else {})}
         took = self._took(trial.trial_id, "in")
         name = self._name(trial.trial_id)
+        if DIVERGED_KEY in row:  # its loss went NaN/inf (the reason names its folder): not retried
+            self._emit([f"{name} diverged{took}: {row[DIVERGED_KEY]}"])
+            return
         if "speedup" in row:  # scored: the trial's last report
             bound = {"lower": ">= ", "upper": "<= "}.get(row.get("bound") or "", "")
             line = (

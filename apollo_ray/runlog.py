@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "DIVERGED",
+    "DIVERGED_KEY",
     "METRICS",
     "RESUMES",
     "MetricsLog",
@@ -22,6 +23,7 @@ __all__ = [
 METRICS = "metrics.jsonl"
 RESUMES = "resumes.jsonl"
 DIVERGED = "diverged.txt"  # written by rank 0 when the loss became NaN/inf
+DIVERGED_KEY = "diverged"  # why, in the last Tune report of a trial that ended so
 
 
 class MetricsLog:

@@ -10,8 +10,10 @@
    several runs a TorchTrainer, which restarts its own workers.
 3. `apollo_ray.distributed.train_worker` runs on every Ray Train worker.
 
-A trial whose loss goes NaN/inf or whose workers crash is marked failed with its reason; the
-study goes on. MLflow records are kept by `apollo_ray.tracking` and `apollo_ray.results`.
+A trial whose loss goes NaN/inf ends at once, `diverged` with its reason (not retried: it
+would diverge again; Optuna counts it as pruned, below every scored trial); one whose workers
+crash for good is marked failed with its reason. The study goes on either way. MLflow records
+are kept by `apollo_ray.tracking` and `apollo_ray.results`.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from apollo_ray.acceleration import Curve, compare
 from apollo_ray.baseline import Scratch
 from apollo_ray.progress import TrialProgress
 from apollo_ray.results import log_run_results
-from apollo_ray.runlog import METRICS, last_eval
+from apollo_ray.runlog import DIVERGED_KEY, METRICS, last_eval
 from apollo_ray.space import materialize, suggest
 from apollo_ray.storage import join_uri
 from apollo_ray.study import OBJECTIVES, StudyConfig
 from apollo_ray.tracking import CONFIRM_OF, StudyRecord, tracked_run, trial_runs_callback
+from apollo_ray.trainer import NonFiniteLossError
 
 __all__ = [
     "DRIVER_CPU",
@@ -298,26 +301,33 @@ def _train_and_score(
     )
     storage = study.storage(study.experiment, "trials")
     folder = join_uri(storage, out_dir.name)  # where its checkpoints go
-    with tracked_run(study, record, cfg, kind, searched, trial_id, tags, folder) as target:
-        if solo.applies(cfg):
-            solo.train(cfg, storage, tracking=target, faults=faults, report=tune.report)
-        else:
-            distributed.build_trainer(
-                cfg,
-                storage_path=storage,
-                callbacks=[TuneReportCallback()],
-                faults=faults,
-                progress=False,
-                tracking=target,
-            ).fit()
-        distributed.check_finished(cfg)
-        metrics = cfg.output_dir / METRICS
-        scores = score(metrics, scratch)
-        if target is not None:
-            full = Curve.from_metrics(scratch.full, name="scratch 1x")
-            client = record.client()
-            log_run_results(client, target.run_id, cfg, metrics, scratch.frontier(), scores, full)
-        tune.report(scores)
+    try:
+        with tracked_run(study, record, cfg, kind, searched, trial_id, tags, folder) as target:
+            if solo.applies(cfg):
+                solo.train(cfg, storage, tracking=target, faults=faults, report=tune.report)
+            else:
+                distributed.build_trainer(
+                    cfg,
+                    storage_path=storage,
+                    callbacks=[TuneReportCallback()],
+                    faults=faults,
+                    progress=False,
+                    tracking=target,
+                ).fit()
+            distributed.check_finished(cfg)
+            metrics = cfg.output_dir / METRICS
+            scores = score(metrics, scratch)
+            if target is not None:
+                full = Curve.from_metrics(scratch.full, name="scratch 1x")
+                client = record.client()
+                log_run_results(
+                    client, target.run_id, cfg, metrics, scratch.frontier(), scores, full
+                )
+            tune.report(scores)
+    except NonFiniteLossError as e:
+        # the trial ends here, not as an error: Tune would retry it and every retry would
+        # diverge again at the same step. Optuna records it as pruned (below every scored one)
+        tune.report({DIVERGED_KEY: str(e)})
 
 
 def score(run_metrics: Path, scratch: Scratch) -> dict[str, Any]:

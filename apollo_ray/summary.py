@@ -14,7 +14,7 @@ import yaml
 
 from apollo_ray.baseline import Scratch
 from apollo_ray.frontier import rank_key
-from apollo_ray.runlog import last_eval
+from apollo_ray.runlog import DIVERGED_KEY, last_eval
 from apollo_ray.space import materialize
 from apollo_ray.stats import Interval, log_interval, paired_log_interval
 from apollo_ray.study import StudyConfig
@@ -40,6 +40,8 @@ def trial_rows(study: StudyConfig, grid) -> list[dict[str, Any]]:
     for result in grid:
         m = result.metrics or {}
         status = "ok" if "speedup" in m else "stopped early" if m else "no result"
+        if DIVERGED_KEY in m:
+            status = f"diverged: {m[DIVERGED_KEY][:120]}"
         if result.error is not None:
             status = f"failed: {str(result.error).strip().splitlines()[-1][:120]}"
         params = {k: v for k, v in (result.config or {}).items() if k in study.search.space}

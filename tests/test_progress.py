@@ -114,6 +114,17 @@ def test_a_trial_stopped_by_the_scheduler_says_where(tmp_path):
     )
 
 
+def test_a_diverged_trial_ends_in_one_line_saying_why(tmp_path):
+    callback, out, clock = progress(tmp_path, live=False)
+    t = trial(tmp_path, "d1")
+    callback.on_trial_start(0, [t], t)
+    clock.now += 2
+    why = "loss is nan (gradient norm nan) at step 1; the last checkpoint and ... in /runs/d1"
+    callback.on_trial_result(0, [t], t, {"diverged": why})  # the trial's last report
+    callback.on_trial_complete(0, [t], t)
+    assert out.getvalue().splitlines()[-1] == f"trial d1 diverged in 2s: {why}"
+
+
 def test_a_failed_trial_prints_its_error_and_where_its_logs_are(tmp_path):
     callback, out, clock = progress(tmp_path, live=False)
     t = trial(tmp_path, "e1168725", error=TRACEBACK)

@@ -1,6 +1,8 @@
 """The study's summary: the ranking against the frontier, the Pareto front of (eval loss,
 FLOPs) for a multi-objective search, and the note on evaluation noise."""
 
+from types import SimpleNamespace
+
 from conftest import EXAMPLE_STUDY
 
 from apollo_ray.search import confirm_runs
@@ -12,6 +14,7 @@ from apollo_ray.summary import (
     noise_note,
     pareto_front,
     ranking,
+    trial_rows,
 )
 
 
@@ -88,3 +91,24 @@ def test_confirmation_ranks_on_the_means_over_fresh_seeds():
     (b,) = [e for e in confirmed if e["trial"] == "b"]
     assert b["seeds"] == [1, 3] and b["failed_seeds"] == [2]
     assert "failed" not in format_confirmed(confirmed)
+
+
+def test_each_trial_says_how_it_ended():
+    study = StudyConfig.model_validate(EXAMPLE_STUDY)
+    why = "loss is nan (gradient norm nan) at step 1; the last checkpoint and ... in /t/b2"
+    ended = {
+        "a1": ({"speedup": 1.2, "flops_saving": 0.1, "eval_loss": 3.0}, None),
+        "b2": ({"diverged": why}, None),  # its last report: the trial ended, not retried
+        "c3": ({"step": 30, "eval_loss": 4.0}, None),  # stopped by ASHA
+        "d4": ({"step": 10}, RuntimeError("Traceback ...\nActorDiedError: worker died")),
+    }
+    grid = [
+        SimpleNamespace(metrics={"trial_id": t, **m}, error=e, config={}, path=f"/t/{t}")
+        for t, (m, e) in ended.items()
+    ]
+    assert {r["trial"]: r["status"] for r in trial_rows(study, grid)} == {
+        "a1": "ok",
+        "b2": f"diverged: {why}",
+        "c3": "stopped early",
+        "d4": "failed: ActorDiedError: worker died",
+    }
