@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +27,10 @@ from torch import nn
 from . import checkpoints
 from .config import ModelConfig, format_validation_error
 from .model import TransformerLM
+from .storage import fetch, is_uri, redact
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 __all__ = ["ExportError", "export_checkpoint", "main", "to_hf"]
@@ -188,7 +191,7 @@ def export_checkpoint(
         raise ExportError(f"{checkpoint}: bad 'plan': {e}") from None
 
     tok_path = tokenizer if tokenizer is not None else ckpt.get("tokenizer_json")
-    fast = _hf_tokenizer(Path(tok_path), cfg) if tok_path is not None else None
+    fast = _hf_tokenizer(str(tok_path), cfg) if tok_path is not None else None
     special_ids = {}
     if fast is not None:  # record the special token ids in the model config too
         names = ("pad_token_id",) if cfg.kind == "bert" else ("bos_token_id", "eos_token_id")
@@ -214,19 +217,13 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise ExportError(f"{path}: not a checkpoint readable by torch.load: {e}") from None
 
 
-def _hf_tokenizer(path: Path, cfg: ModelConfig) -> PreTrainedTokenizerFast:
-    """A PreTrainedTokenizerFast for tokenizer.json at `path`, checked against the model."""
-    from tokenizers import Tokenizer
+def _hf_tokenizer(location: str, cfg: ModelConfig) -> PreTrainedTokenizerFast:
+    """A PreTrainedTokenizerFast for the tokenizer.json at `location` (a file, its folder, or
+    a URI such as the `s3://` data folder a cluster trained from), checked against the model."""
     from transformers import PreTrainedTokenizerFast
 
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise ExportError(f"{path}: no such tokenizer file (pass --tokenizer PATH)")
-    try:
-        raw = Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise ExportError(f"{path}: not a tokenizers tokenizer.json: {e}") from None
+    path = redact(location)  # what messages name
+    raw = _read_tokenizer(location)
     if raw.get_vocab_size() > cfg.vocab_size:
         raise ExportError(
             f"{path}: tokenizer has {raw.get_vocab_size()} tokens, more than the model's "
@@ -239,6 +236,28 @@ def _hf_tokenizer(path: Path, cfg: ModelConfig) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=raw, model_max_length=cfg.max_seq_len, **specials
     )
+
+
+def _read_tokenizer(location: str) -> Tokenizer:
+    """The `tokenizers` Tokenizer in the tokenizer.json at `location` (a file, or a local
+    folder holding one; a URI is fetched to a temporary file first)."""
+    from tokenizers import Tokenizer
+
+    missing = ExportError(f"{redact(location)}: no such tokenizer file (pass --tokenizer PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        if is_uri(location):
+            path = Path(tmp) / "tokenizer.json"
+            if not fetch(location, path):
+                raise missing
+        else:
+            path = Path(location)
+            path = path / "tokenizer.json" if path.is_dir() else path
+            if not path.is_file():
+                raise missing
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise ExportError(f"{redact(location)}: not a tokenizers tokenizer.json: {e}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

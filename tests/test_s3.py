@@ -3,6 +3,8 @@ pyarrow talks to as it would to AWS. Prepared shards are read from it, and a Ray
 checkpoint storage there is found, resumed from and pruned. The `s3` fixture is in conftest.py;
 tests/test_multinode.py runs a whole search with its checkpoints and data there."""
 
+import json
+
 import numpy as np
 import pyarrow.fs
 import torch
@@ -44,3 +46,26 @@ def test_checkpoint_storage_on_s3(s3):
     store._prune()  # keep 1 periodic checkpoint, every stage-boundary one
     left = {i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))}
     assert left == {"step-0000010", "step-0000006.pre-growth"}
+
+
+def test_a_checkpoint_naming_a_tokenizer_in_s3_exports_with_it(s3, gpt_data, tmp_path):
+    # a cluster's checkpoints name the tokenizer where the data was: in the bucket
+    from apollo_ray.config import ModelConfig
+    from apollo_ray.export import export_checkpoint
+    from apollo_ray.model import TransformerLM
+
+    uri = upload(gpt_data, s3, "export")
+    tokenizer = Batches(DataConfig(path=uri, seq_len=32), "gpt", "train", seed=1).tokenizer_path
+    cfg = ModelConfig(kind="gpt", vocab_size=2000, n_layer=2, d_model=32, n_head=2, max_seq_len=32)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model": TransformerLM(cfg, 2).state_dict(),
+            "model_config": cfg.model_dump(),
+            "tokenizer_json": tokenizer,
+        },
+        ckpt,
+    )
+    out = export_checkpoint(ckpt, tmp_path / "hf")
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
