@@ -4,6 +4,8 @@
     python -m apollo_ray.tune search_spaces/bert.yaml --address auto
     python -m apollo_ray.tune search_spaces/small.yaml --resume   # finish an interrupted study
     python -m apollo_ray.tune search_spaces/small.yaml --verbose  # Ray's logs on the terminal too
+    python -m apollo_ray.tune search_spaces/small.yaml --kill-at-step 7  # chaos: each trial
+                                                    # is killed once and must resume
 
 In order, cheapest first (`apollo_ray.preflight`): the study file is validated and searched
 for placeholders (YOUR-BUCKET), the machine checked against a GPU study when no cluster is
@@ -151,10 +153,12 @@ def run_study(
     address: str | None,
     resume: bool,
     verbose: bool = False,
+    faults: dict[str, int] | None = None,
 ) -> None:
     """Everything after the cheap checks: tracking, storage, data, Ray, the baseline, the
     search, the end. Unless `verbose`, Ray's logs and the workers' output stay in Ray's log
-    files and the trials show as live lines (`apollo_ray.progress`)."""
+    files and the trials show as live lines (`apollo_ray.progress`). `faults` kills each search
+    trial's training once (`apollo_ray.faults`, chaos testing)."""
     from ray.autoscaler.sdk import request_resources
 
     from apollo_ray.baseline import ensure_frontier
@@ -178,7 +182,7 @@ def run_study(
         try:
             with study_run(study, yaml_path, uri, resume) as record:
                 scratch = ensure_frontier(study, record)
-                rows = trial_rows(study, run_search(study, scratch, record, live=live))
+                rows = trial_rows(study, run_search(study, scratch, record, faults, live))
                 confirmed = None
                 done = [r for r in rows if r["status"] == "ok"]
                 if study.search.confirm is not None and done:
@@ -239,11 +243,30 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="show Ray's logs and the workers' output too (otherwise only in Ray's log files)",
     )
+    chaos = parser.add_argument_group(
+        "fault injection (chaos testing: each trial must resume from its last checkpoint)"
+    )
+    chaos.add_argument(
+        "--kill-at-step",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="SIGKILL each trial's (last) worker once, right after optimizer step STEP",
+    )
+    chaos.add_argument(
+        "--kill-after-checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="SIGKILL each trial's (last) worker once, right after the checkpoint of step STEP",
+    )
     args = parser.parse_args(argv)
+    kills = {"kill_at_step": args.kill_at_step, "kill_after_checkpoint": args.kill_after_checkpoint}
+    faults = {k: v for k, v in kills.items() if v is not None} or None
     try:
         study = load_study(args.study)
         cheap_checks(study, args.address)
-        run_study(study, args.study, args.address, args.resume, args.verbose)
+        run_study(study, args.study, args.address, args.resume, args.verbose, faults)
     except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)
         return 2
