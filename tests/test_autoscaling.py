@@ -5,7 +5,8 @@ A custom resource, `fake_gpu`, stands in for the GPUs only the worker node type 
 resource pre-flight reads the autoscaler's node types, passes the study and asks the autoscaler
 for the first trial's node; the node comes up, the trial trains on it (the scratch frontier is
 the shared tiny search's, reused), and it is released after its idle timeout once the study has
-cleared its request.
+cleared its request. The study's output, not on a terminal, is a line per trial event and the
+end, nothing of Ray's or Tune's.
 
 `AutoscalingCluster.start` runs `ray stop --force`, which would also stop the test session's own
 Ray, so the head is started the way `ray.cluster_utils.Cluster` starts one, with the autoscaler
@@ -14,6 +15,7 @@ the config is written here."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -110,6 +112,8 @@ def test_study_grows_an_autoscaling_cluster_from_its_head_alone(
     # the same base as the shared tiny search: its scratch frontier is reused, so only the
     # trial needs the worker node (the frontier's Ray tasks would ask for it the same way)
     reuse_frontier(tiny_search, tmp_path / "outputs")
+    scratch = sorted((tmp_path / "outputs" / "baselines").glob("*/metrics.jsonl"))
+    mtimes = [p.stat().st_mtime_ns for p in scratch]
 
     head = {"num_cpus": 1, "gcs_server_port": port}
     cluster = Cluster(
@@ -145,6 +149,15 @@ def test_study_grows_an_autoscaling_cluster_from_its_head_alone(
 
     text = log.read_text()
     assert "asked the autoscaler for nodes for the first trial (1 x 1 CPU, 1 fake_gpu)" in text
+    # a study with the same model, data and budget reuses the scratch runs, untouched
     assert text.count(": reusing ") == 2, text
+    assert len(scratch) == 2 and [p.stat().st_mtime_ns for p in scratch] == mtimes
+    # a calm terminal: a line as the trial starts and one as it ends (no terminal here), the
+    # table and where to look; no Tune status tables, no worker logs
+    assert re.findall(r"^trial \w+ (started|finished)", text, re.M) == ["started", "finished"]
+    assert "\r" not in text and "MLflow UI: python -m apollo_ray.ui" in text
+    for noise in ("Trial status", "RayTrainWorker pid=", "Reporting training result", "[I "):
+        assert noise not in text
+    assert len(text.splitlines()) < 30, text
     summary = json.loads((tmp_path / "outputs" / "autoscale" / "summary.json").read_text())
     assert [t["status"] for t in summary["trials"]] == ["ok"]

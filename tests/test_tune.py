@@ -4,7 +4,6 @@ Tune retries, the cached baseline, and an interrupted study resumed with --resum
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -36,7 +35,7 @@ def test_object_storage_output_is_refused_clearly(tmp_path, gpt_data, capsys):
 
 
 @pytest.mark.slow
-def test_search_scores_trials_and_records_failures(tiny_search, gpt_data, capsys):
+def test_search_scores_trials_and_records_failures(tiny_search):
     out = tiny_search / "tiny"
     summary = json.loads((out / "summary.json").read_text())
     statuses = [t["status"] for t in summary["trials"]]
@@ -66,24 +65,6 @@ def test_search_scores_trials_and_records_failures(tiny_search, gpt_data, capsys
     assert summary["best"][0]["trial"] == confirmed["trial"]
     text = (out / "summary.txt").read_text()
     assert "confirmed with fresh seeds" in text and f"confirmed best trial {ok['trial']}" in text
-
-    # a second study with the same model, data and budget reuses the scratch runs
-    scratch = sorted((tiny_search / "baselines").glob("*/metrics.jsonl"))
-    assert len(scratch) == 2
-    mtimes = [p.stat().st_mtime_ns for p in scratch]
-    again = tiny_study(tiny_search.parent, gpt_data, "again", trials=1, lrs=(3.0e-3,))
-    assert main([str(again)]) == 0
-    assert [p.stat().st_mtime_ns for p in scratch] == mtimes
-    out, err = capsys.readouterr()
-    assert "scratch 0.5x: reusing" in err and "scratch 1x: reusing" in err
-
-    # a calm terminal: a line as the trial starts and one as it ends (no terminal here), the
-    # table and where to look; no Tune status tables, no worker logs
-    assert re.findall(r"^trial \w+ (started|finished)", out, re.M) == ["started", "finished"]
-    assert "\r" not in out and "MLflow UI: python -m apollo_ray.ui" in out
-    for noise in ("Trial status", "RayTrainWorker pid=", "Reporting training result", "[I "):
-        assert noise not in out + err
-    assert len((out + err).splitlines()) < 30, out + err
 
 
 @pytest.mark.slow
