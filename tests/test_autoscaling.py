@@ -115,7 +115,7 @@ def test_study_grows_an_autoscaling_cluster_from_its_head_alone(
     scratch = sorted((tmp_path / "outputs" / "baselines").glob("*/metrics.jsonl"))
     mtimes = [p.stat().st_mtime_ns for p in scratch]
 
-    head = {"num_cpus": 1, "gcs_server_port": port}
+    head = {"num_cpus": 1, "gcs_server_port": port, "include_dashboard": False}
     cluster = Cluster(
         initialize_head=True, head_node_args={**head, "autoscaling_config": str(config)}
     )

@@ -44,7 +44,9 @@ def test_search_across_two_nodes_survives_losing_one(tmp_path, gpt_data, s3, tin
     reuse_frontier(tiny_search, tmp_path / "outputs")
     out = tmp_path / "outputs" / "multinode"
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
+    )
     other = cluster.add_node(num_cpus=1, resources={"slot": 1})
     log = tmp_path / "study.log"
     try:
@@ -62,7 +64,7 @@ def test_search_across_two_nodes_survives_losing_one(tmp_path, gpt_data, s3, tin
             time.sleep(0.1)
         assert killed, log.read_text()[-3000:]
         cluster.remove_node(other)  # and then the node that held the worker dies
-        time.sleep(5)
+        time.sleep(3)
         assert proc.poll() is None, "the study should wait for a node that can hold the worker"
         cluster.add_node(num_cpus=1, resources={"slot": 1})
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]

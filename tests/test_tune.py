@@ -14,11 +14,9 @@ import yaml
 from conftest import metrics_rows, reuse_frontier, tiny_study
 from mlflow import MlflowClient
 
-from apollo_ray.baseline import ensure_frontier
 from apollo_ray.config import ConfigError, load_run_config
 from apollo_ray.faults import FAULT_MARKER
 from apollo_ray.mlflow_server import local_store
-from apollo_ray.search import run_search
 from apollo_ray.study import load_study
 from apollo_ray.tracking import KIND, TRIAL
 from apollo_ray.tune import check_resources, main
@@ -86,11 +84,17 @@ def test_interrupted_search_resumes_without_redoing_trials(
     ray_cluster, tmp_path, gpt_data, tiny_search
 ):
     path = tiny_study(tmp_path, gpt_data, "resumable", trials=2, lrs=(3.0e-3,))
+    data = yaml.safe_load(path.read_text())
+    data["base"]["resources"]["max_failures"] = 1
+    path.write_text(yaml.safe_dump(data))
     reuse_frontier(tiny_search, tmp_path / "outputs")
     out = tmp_path / "outputs" / "resumable"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    # the first trial's process is killed after step 7: a one-worker trial trains in its own
+    # process, so Tune retries it (base.resources.max_failures) and the retry resumes from the
+    # trial's newest checkpoint
     proc = subprocess.Popen(
-        [sys.executable, "-m", "apollo_ray.tune", str(path)],
+        [sys.executable, "-m", "apollo_ray.tune", str(path), "--kill-at-step", "7"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -110,7 +114,12 @@ def test_interrupted_search_resumes_without_redoing_trials(
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     proc.wait(timeout=120)
     first = json.loads(scored[0].read_text().splitlines()[-1])["trial_id"]
-    first_mtime = (out / "trials" / first / "metrics.jsonl").stat().st_mtime_ns
+    run_dir = out / "trials" / first
+    assert (run_dir / FAULT_MARKER).exists()  # the trial's process really was killed
+    resumes = (run_dir / "resumes.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in resumes] == [6]  # the stage boundary's checkpoint
+    assert [r["step"] for r in metrics_rows(run_dir) if "loss" in r] == list(range(1, 13))
+    first_mtime = (run_dir / "metrics.jsonl").stat().st_mtime_ns
 
     assert main([str(path), "--resume"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -127,23 +136,3 @@ def test_interrupted_search_resumes_without_redoing_trials(
     assert {r.info.status for r in runs} == {"FINISHED"}
     trial_runs = {r.data.tags[TRIAL] for r in runs if r.data.tags[KIND] == "trial"}
     assert trial_runs == {t["trial"] for t in summary["trials"]}
-
-
-@pytest.mark.slow
-def test_killed_trial_is_retried_by_tune_and_resumes(ray_cluster, tmp_path, gpt_data, tiny_search):
-    # a one-worker trial trains in its own process: Tune retries it (base.resources.max_failures)
-    # and the retry resumes from the trial's newest checkpoint
-    path = tiny_study(tmp_path, gpt_data, "killed", trials=1, lrs=(3.0e-3,))
-    reuse_frontier(tiny_search, tmp_path / "outputs")
-    data = yaml.safe_load(path.read_text())
-    data["base"]["resources"]["max_failures"] = 1
-    path.write_text(yaml.safe_dump(data))
-    study = load_study(path)
-    (result,) = run_search(study, ensure_frontier(study), faults={"kill_at_step": 7})
-    assert result.error is None and result.metrics["speedup"] > 0
-    run_dir = tmp_path / "outputs" / "killed" / "trials" / result.metrics["trial_id"]
-    assert (run_dir / FAULT_MARKER).exists()  # the trial's process really was killed
-    resumes = (run_dir / "resumes.jsonl").read_text().splitlines()
-    assert [json.loads(r)["step"] for r in resumes] == [6]  # the stage boundary's checkpoint
-    steps = [r["step"] for r in metrics_rows(run_dir) if "loss" in r]
-    assert steps == list(range(1, 13))
