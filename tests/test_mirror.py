@@ -171,11 +171,11 @@ def test_checkpoint_policy(tmp_path, policy, logged):
     assert {k for k, name in names.items() if mirrored.wants(name)} == logged
 
 
-@pytest.mark.slow  # an MLflow server, twice
+@pytest.mark.slow  # an MLflow server
 def test_unreachable_server_loses_nothing(tmp_path, gpt_data):
-    port, store = free_port(), tmp_path / "store"
-    with LocalServer(store, port=port) as server:
-        client, run_id = new_run(server.uri)
+    store = tmp_path / "store"
+    server = LocalServer(store)
+    client, run_id = new_run(*local_store(store))  # its run, in the store it will serve
     # the server is down while the run trains: training goes on, the rows wait on disk
     cfg = apollo_cfg(gpt_data, tmp_path / "run")
     mirrored = RunMirror(Target(server.uri, run_id, "all"), cfg.output_dir, 12, every_s=0)
@@ -186,7 +186,7 @@ def test_unreachable_server_loses_nothing(tmp_path, gpt_data):
     assert pending_rows(cfg.output_dir) == len(rows)
     assert len(json.loads((cfg.output_dir / "mlflow.json").read_text())["pending"]) == 5
 
-    with LocalServer(store, port=port):  # back: everything arrives
+    with server:  # up: everything arrives
         assert sync(cfg.output_dir) is True
         assert history(client, run_id, "train_loss") == expected(rows, "train_loss", "loss")
         assert history(client, run_id, "eval_loss") == expected(rows, "eval_loss")
