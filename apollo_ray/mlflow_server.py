@@ -114,7 +114,7 @@ class LocalServer:
             if answers(self.uri):
                 self.record.write_text(json.dumps({"uri": self.uri, "pid": self.process.pid}))
                 return self
-            time.sleep(0.5)
+            time.sleep(0.1)
         self.__exit__()
         raise RuntimeError(f"mlflow server did not answer on {self.uri} in 120 s; see {self.log}")
 

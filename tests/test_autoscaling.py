@@ -134,12 +134,12 @@ def test_study_grows_an_autoscaling_cluster_from_its_head_alone(
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             seen = max(seen, worker_nodes(cluster))
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert proc.wait(timeout=10) == 0, log.read_text()[-3000:]
         assert seen == 1, "the autoscaler should have launched one worker node"
         deadline = time.time() + 60
         while worker_nodes(cluster) and time.time() < deadline:
-            time.sleep(1)
+            time.sleep(0.2)
         assert worker_nodes(cluster) == 0, "the idle worker node should have been released"
     finally:
         if "proc" in locals() and proc.poll() is None:

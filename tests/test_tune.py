@@ -108,7 +108,7 @@ def test_interrupted_search_resumes_without_redoing_trials(
             for p in (out / "tune" / "search").glob("*/result.json")
             if '"speedup"' in p.read_text()
         ]
-        time.sleep(1)
+        time.sleep(0.2)
     assert scored, "no trial finished in time"
     time.sleep(3)  # let Tune record it as terminated
     proc.send_signal(signal.SIGINT)  # Ctrl-C
