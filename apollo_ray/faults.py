@@ -10,12 +10,13 @@ as on a lost node; a marker file in the run's folder keeps the restarted run fro
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FAULT_MARKER", "FaultInjection"]
+__all__ = ["FAULT_MARKER", "FaultInjection", "add_arguments", "requested"]
 
 FAULT_MARKER = ".fault-injected"
 
@@ -46,3 +47,29 @@ class FaultInjection:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"killed pid {os.getpid()} {when}\n")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def add_arguments(parser: argparse.ArgumentParser, resumes: str, killed: str) -> None:
+    """The command line's `--kill-at-step` and `--kill-after-checkpoint`: `resumes` says what must
+    resume from its last checkpoint, `killed` whose process is killed."""
+    chaos = parser.add_argument_group(f"fault injection (chaos testing: {resumes})")
+    chaos.add_argument(
+        "--kill-at-step",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help=f"SIGKILL {killed} once, right after optimizer step STEP",
+    )
+    chaos.add_argument(
+        "--kill-after-checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help=f"SIGKILL {killed} once, right after the checkpoint of step STEP is saved",
+    )
+
+
+def requested(args: argparse.Namespace) -> dict[str, int]:
+    """The faults `add_arguments`' options asked for, as `FaultInjection` keywords."""
+    kills = {"kill_at_step": args.kill_at_step, "kill_after_checkpoint": args.kill_after_checkpoint}
+    return {k: v for k, v in kills.items() if v is not None}

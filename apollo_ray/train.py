@@ -30,6 +30,8 @@ import yaml
 from apollo_ray.checkpoints import LocalStore, StorageStore
 from apollo_ray.config import ConfigError, RunConfig, load_run_config
 from apollo_ray.data import DataError, check_data
+from apollo_ray.faults import add_arguments as add_fault_arguments
+from apollo_ray.faults import requested
 from apollo_ray.mirror import POLICIES, RunMirror, Target
 from apollo_ray.preflight import machine, placeholders, storage
 from apollo_ray.runlog import METRICS
@@ -76,22 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else a new local Ray)",
     )
-    chaos = parser.add_argument_group(
-        "fault injection (chaos testing, on Ray: the run must resume from its last checkpoint)"
-    )
-    chaos.add_argument(
-        "--kill-at-step",
-        type=int,
-        default=None,
-        metavar="STEP",
-        help="SIGKILL the last worker once, right after optimizer step STEP",
-    )
-    chaos.add_argument(
-        "--kill-after-checkpoint",
-        type=int,
-        default=None,
-        metavar="STEP",
-        help="SIGKILL the last worker once, right after the checkpoint of step STEP is saved",
+    add_fault_arguments(
+        parser, "on Ray, the run must resume from its last checkpoint", "the last worker"
     )
     parser.add_argument(
         "--device", default=None, help="torch device without Ray (default: cuda if available)"
@@ -125,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None:
             overrides["resources.workers"] = args.workers
         cfg = load_run_config(args.config, overrides)
-        kills = {"kill_at_step": args.kill_at_step}
-        kills["kill_after_checkpoint"] = args.kill_after_checkpoint
-        faults = {k: v for k, v in kills.items() if v is not None}
+        faults = requested(args)
         on_ray = bool(cfg.resources.workers > 1 or args.workers or args.address or faults)
         placeholders({"data.path": cfg.data.path, "--mlflow-uri": args.mlflow_uri})
         if on_ray:

@@ -32,6 +32,8 @@ from pathlib import Path
 from apollo_ray.config import ConfigError
 from apollo_ray.data import DataError, check_data, prepare, resolve_source
 from apollo_ray.data.shards import MANIFEST
+from apollo_ray.faults import add_arguments as add_fault_arguments
+from apollo_ray.faults import requested
 from apollo_ray.mlflow_server import check_tracking, tracking_uri
 from apollo_ray.preflight import join_ray, machine, placeholders, storage
 from apollo_ray.storage import is_uri
@@ -243,30 +245,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="show Ray's logs and the workers' output too (otherwise only in Ray's log files)",
     )
-    chaos = parser.add_argument_group(
-        "fault injection (chaos testing: each trial must resume from its last checkpoint)"
-    )
-    chaos.add_argument(
-        "--kill-at-step",
-        type=int,
-        default=None,
-        metavar="STEP",
-        help="SIGKILL each trial's (last) worker once, right after optimizer step STEP",
-    )
-    chaos.add_argument(
-        "--kill-after-checkpoint",
-        type=int,
-        default=None,
-        metavar="STEP",
-        help="SIGKILL each trial's (last) worker once, right after the checkpoint of step STEP",
+    add_fault_arguments(
+        parser, "each trial must resume from its last checkpoint", "each trial's (last) worker"
     )
     args = parser.parse_args(argv)
-    kills = {"kill_at_step": args.kill_at_step, "kill_after_checkpoint": args.kill_after_checkpoint}
-    faults = {k: v for k, v in kills.items() if v is not None} or None
     try:
         study = load_study(args.study)
         cheap_checks(study, args.address)
-        run_study(study, args.study, args.address, args.resume, args.verbose, faults)
+        run_study(
+            study, args.study, args.address, args.resume, args.verbose, requested(args) or None
+        )
     except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)
         return 2
