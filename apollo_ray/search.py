@@ -12,8 +12,10 @@
 
 A trial whose loss goes NaN/inf ends at once, `diverged` with its reason (not retried: it
 would diverge again; Optuna counts it as pruned, below every scored trial); one whose workers
-crash for good is marked failed with its reason. The study goes on either way. MLflow records
-are kept by `apollo_ray.tracking` and `apollo_ray.results`.
+crash for good is marked failed with its reason. The study goes on either way. A Ctrl-C
+stops it: Tune saves the search's state and returns, and `run_search` / `run_confirm` raise
+`KeyboardInterrupt` rather than hand on an unfinished grid (`--resume` finishes it). MLflow
+records are kept by `apollo_ray.tracking` and `apollo_ray.results`.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def run_search(
     progress = progress_callback(study, "search", live=live)
     if tune.Tuner.can_restore(search):
         tuner = tune.Tuner.restore(search, trainable, resume_unfinished=True, resume_errored=False)
-        return _quiet(tuner, progress).fit()
+        return _ended(_quiet(tuner, progress).fit(), study.search.trials)
     metric, mode = OBJECTIVES[study.search.objective]
     searcher = FinalResultOptunaSearch(
         space=functools.partial(suggest, space=study.search.space, base=study.base),
@@ -125,7 +127,7 @@ def run_search(
         ),
         run_config=_run_config(study, "search", record, progress),
     )
-    return tuner.fit()
+    return _ended(tuner.fit(), study.search.trials)
 
 
 def run_confirm(
@@ -151,7 +153,8 @@ def run_confirm(
     path = study.storage(study.experiment, "tune", "confirm")
     progress = progress_callback(study, "confirm", runs, live)
     if tune.Tuner.can_restore(path):
-        return _quiet(tune.Tuner.restore(path, trainable, resume_unfinished=True), progress).fit()
+        tuner = _quiet(tune.Tuner.restore(path, trainable, resume_unfinished=True), progress)
+        return _ended(tuner.fit(), len(runs))
     tuner = tune.Tuner(
         trainable,
         param_space={"run": tune.grid_search(list(range(len(runs))))},
@@ -160,7 +163,16 @@ def run_confirm(
         ),
         run_config=_run_config(study, "confirm", record, progress),
     )
-    return tuner.fit()
+    return _ended(tuner.fit(), len(runs))
+
+
+def _ended(grid: tune.ResultGrid, trials: int) -> tune.ResultGrid:
+    """`grid` once all its `trials` have ended (finished, stopped or errored). Tune catches a
+    Ctrl-C itself: it stops the trials, saves the search's state and returns what it has, which
+    must not be summarised, confirmed or registered as if the search were over."""
+    if len(grid) < trials or grid.num_terminated + grid.num_errors < len(grid):
+        raise KeyboardInterrupt("interrupted; the search's state is saved")
+    return grid
 
 
 def confirm_runs(study: StudyConfig, best: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -193,7 +205,7 @@ def _run_config(
         name=name,
         storage_path=study.storage(study.experiment, "tune"),
         failure_config=tune.FailureConfig(max_failures=retries),
-        callbacks=[*([trial_runs_callback(study, record)] if record else []), progress],
+        callbacks=[*([trial_runs_callback(study)] if record else []), progress],
         verbose=0,  # no status tables: `progress` prints a line per trial
     )
 

@@ -52,6 +52,7 @@ __all__ = [
     "find_run",
     "group_run",
     "log_params",
+    "save_session",
     "single_run",
     "start_run",
     "study_run",
@@ -289,9 +290,11 @@ def study_run(study: StudyConfig, yaml_path: str, uri: str, resume: bool) -> Ite
         parent = start_run(client, exp_id, study.experiment, tags, fresh=True)
         client.log_artifact(parent, yaml_path, "study")
         log_params(client, parent, _study_params(study), {})
+    record = StudyRecord(uri, exp_id, parent)
+    save_session(study, record)
     error: BaseException | None = None
     try:
-        yield StudyRecord(uri, exp_id, parent)
+        yield record
     except BaseException as e:
         error = e
         raise
@@ -321,16 +324,22 @@ def _study_params(study: StudyConfig) -> dict[str, Any]:
     }
 
 
-def trial_runs_callback(study: StudyConfig, record: StudyRecord):
-    """A Tune callback in the study driver that ends the MLflow run of a trial that ended
-    without ending it itself: stopped by ASHA (KILLED) or killed with its driver (FAILED).
-    Tune pickles callbacks with the search, and a resumed study's local MLflow server listens
-    on a new port, so the callback reads the current tracking settings from the study folder."""
-    from ray import tune
-
+def save_session(study: StudyConfig, record: StudyRecord) -> None:
+    """Where the study logs now, for `trial_runs_callback`: written each time the study starts,
+    since a resumed study runs the callbacks pickled when it began and its local MLflow server
+    listens on a new port."""
     session = Path(study.study_dir) / SESSION
     session.parent.mkdir(parents=True, exist_ok=True)
     session.write_text(json.dumps(asdict(record)))
+
+
+def trial_runs_callback(study: StudyConfig):
+    """A Tune callback in the study driver that ends the MLflow run of a trial that ended
+    without ending it itself: stopped by ASHA (KILLED) or killed with its driver (FAILED).
+    It reads where the study logs now from the study folder (`save_session`)."""
+    from ray import tune
+
+    session = Path(study.study_dir) / SESSION
 
     class TrialRunsCallback(tune.Callback):
         def __init__(self, session: Path, storage: str, keep: int) -> None:

@@ -258,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what finished is kept (checkpoints, Tune's state, MLflow)
+        print(
+            f"\ninterrupted: finish the study with python -m apollo_ray.tune {args.study} --resume",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

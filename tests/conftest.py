@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -221,12 +223,15 @@ def tiny_study(
 ) -> Path:
     """A study YAML in `tmp_path`: a 4-layer GPT, 12 steps, 3 stages, random search over alpha
     and the LR (an LR of 1e9 makes the loss NaN at step 1); a frontier of two scratch runs
-    (6 and 12 steps), the fewest there can be; `confirm` as search.confirm."""
+    (6 and 12 steps), the fewest there can be; a trial whose process dies is retried once;
+    `confirm` as search.confirm."""
     study = {
         "experiment": experiment,
         "output_dir": str(tmp_path / "outputs"),
         "frontier": [0.5, 1.0],
-        "base": tiny_run_dict(gpt_data, resources={"workers": 1, "cpus_per_worker": 1}),
+        "base": tiny_run_dict(
+            gpt_data, resources={"workers": 1, "cpus_per_worker": 1, "max_failures": 1}
+        ),
         "search": {
             "trials": trials,
             "max_concurrent_trials": 1,
@@ -244,14 +249,34 @@ def tiny_study(
 @pytest.fixture(scope="session")
 def tiny_search(ray_cluster, tmp_path_factory, gpt_data) -> Path:
     """One real small search (3 trials, 2 of them diverging; the finished one confirmed with 2
-    fresh seeds), run once for every test that inspects a finished study: its files, its
-    MLflow records, the report and the UI. Returns the study's output_dir (which holds the
-    MLflow store)."""
+    fresh seeds), run once for every test that inspects a finished study: its files, its MLflow
+    records, the report and the UI. It is interrupted on the way, as a user would: started as
+    `python -m apollo_ray.tune STUDY --kill-at-step 7` (each trial's process is killed once after
+    step 7 and Tune retries it from its step-6 checkpoint), stopped with Ctrl-C as soon as its
+    first trial has finished, and finished with `--resume`; every test of the study reads the
+    resumed one. Returns the study's output_dir (which holds the MLflow store); beside it,
+    `interrupted.log` is the interrupted command's output and exit status, and `resumed_at`
+    the time the resume began (a Unix time)."""
     from apollo_ray.tune import main
 
     root = tmp_path_factory.mktemp("search")
     path = tiny_study(root, gpt_data, confirm={"top_k": 2, "seeds": 2})
-    assert main([str(path)]) == 0
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "apollo_ray.tune", str(path), "--kill-at-step", "7"]
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        output = []
+        for line in proc.stdout:  # one line per trial event: the output is not a terminal
+            output.append(line)
+            if re.match(r"trial \w+ finished", line):
+                proc.send_signal(signal.SIGINT)  # Ctrl-C
+                break
+        output.append(proc.communicate(timeout=120)[0])
+    (root / "interrupted.log").write_text("".join(output) + f"exit status {proc.returncode}\n")
+    assert any(re.match(r"trial \w+ finished", line) for line in output), "".join(output)
+    (root / "resumed_at").write_text(repr(time.time()))
+    assert main([str(path), "--resume"]) == 0
     return root / "outputs"
 
 

@@ -32,7 +32,7 @@ from apollo_ray.tracking import KIND, TRIAL, close_leftovers, start_run
 
 
 def test_runs_left_running_are_closed(tmp_path, gpt_data):
-    from apollo_ray.tracking import StudyRecord, trial_runs_callback
+    from apollo_ray.tracking import StudyRecord, save_session, trial_runs_callback
 
     uri = local_store(tmp_path)[0]
     client = MlflowClient(uri)
@@ -45,7 +45,8 @@ def test_runs_left_running_are_closed(tmp_path, gpt_data):
 
     # a trial that ASHA stopped: Tune reports it complete while its run is still RUNNING
     study = load_study(tiny_study(tmp_path, gpt_data, "leftovers"))
-    callback = trial_runs_callback(study, StudyRecord(uri, exp, parent))
+    save_session(study, StudyRecord(uri, exp, parent))  # as the study's start does
+    callback = trial_runs_callback(study)
     callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))
     callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t2"))
     assert client.get_run(stopped).info.status == "KILLED"
