@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from apollo_ray.config import RunConfig
-from apollo_ray.data import IGNORE_INDEX, Batches
+from apollo_ray.data.batches import IGNORE_INDEX, Batches
 from apollo_ray.model import TransformerLM
 
 __all__ = ["Evaluator"]

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from apollo_ray.config import ConfigError
-from apollo_ray.mirror import quick_failure
 from apollo_ray.storage import redact
 
 __all__ = [
@@ -185,6 +184,8 @@ def check_tracking(uri: str, field: str | None = None) -> None:
     """Fail fast, before Ray starts, if MLflow does not answer at `uri`, naming where the URI
     came from: `field` (a YAML field or option), else MLFLOW_TRACKING_URI."""
     from mlflow import MlflowClient
+
+    from apollo_ray.mirror import quick_failure
 
     try:
         with quick_failure(patient=False):

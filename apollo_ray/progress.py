@@ -314,9 +314,15 @@ def _short(value: Any) -> str:
 
 class _Drop(logging.Filter):
     """Drops Tune's records that the progress lines say better: a failed trial's traceback
-    (its error file keeps it) and the closing list of trials that did not finish."""
+    (its error file keeps it), the closing list of trials that did not finish, and Ctrl-C's
+    notes (the study says how to go on: `--resume`, not `Tuner.restore`)."""
 
-    PREFIXES = ("Trial task failed for trial", "Trials did not complete")
+    PREFIXES = (
+        "Trial task failed for trial",
+        "Trials did not complete",
+        "Stop signal received",
+        "Experiment has been interrupted",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.PREFIXES)

@@ -1,6 +1,6 @@
 """A run's own files in its folder: `metrics.jsonl` (one JSON row per logged step, growth or
 evaluation, with the time it was written), `resumes.jsonl` (one row per restart from a
-checkpoint) and `diverged.txt` (why a run stopped on a NaN/inf loss)."""
+checkpoint) and `diverged.txt` (why a run stopped on a NaN/inf loss: `NonFiniteLossError`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ __all__ = [
     "METRICS",
     "RESUMES",
     "MetricsLog",
+    "NonFiniteLossError",
     "last_eval",
     "read_rows",
     "record_resume",
@@ -24,6 +25,10 @@ METRICS = "metrics.jsonl"
 RESUMES = "resumes.jsonl"
 DIVERGED = "diverged.txt"  # written by rank 0 when the loss became NaN/inf
 DIVERGED_KEY = "diverged"  # why, in the last Tune report of a trial that ended so
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before the weights are touched."""
 
 
 class MetricsLog:

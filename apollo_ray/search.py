@@ -36,12 +36,11 @@ from apollo_ray.acceleration import Curve, compare
 from apollo_ray.baseline import Scratch
 from apollo_ray.progress import TrialProgress
 from apollo_ray.results import log_run_results
-from apollo_ray.runlog import DIVERGED_KEY, METRICS, last_eval
+from apollo_ray.runlog import DIVERGED_KEY, METRICS, NonFiniteLossError, last_eval
 from apollo_ray.space import materialize, suggest
 from apollo_ray.storage import join_uri
 from apollo_ray.study import OBJECTIVES, StudyConfig
 from apollo_ray.tracking import CONFIRM_OF, StudyRecord, tracked_run, trial_runs_callback
-from apollo_ray.trainer import NonFiniteLossError
 
 __all__ = [
     "DRIVER_CPU",

@@ -23,20 +23,21 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import yaml
 
-from apollo_ray.checkpoints import LocalStore, StorageStore
 from apollo_ray.config import ConfigError, RunConfig, load_run_config
 from apollo_ray.data import DataError, check_data
 from apollo_ray.faults import add_arguments as add_fault_arguments
 from apollo_ray.faults import requested
-from apollo_ray.mirror import POLICIES, RunMirror, Target
 from apollo_ray.preflight import machine, placeholders, storage
-from apollo_ray.runlog import METRICS
+from apollo_ray.runlog import METRICS, NonFiniteLossError
 from apollo_ray.storage import is_uri
-from apollo_ray.trainer import NonFiniteLossError, Trainer
+from apollo_ray.study import TrackingConfig
+
+if TYPE_CHECKING:  # torch and MLflow: imported once the checks have passed
+    from apollo_ray.mirror import Target
 
 __all__ = ["main"]
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     tracking.add_argument(
         "--checkpoints",
-        choices=POLICIES,
+        choices=get_args(TrackingConfig.model_fields["checkpoints"].annotation),  # a study's
         default="last",
         help="checkpoints logged to MLflow: all (stage boundaries and the last), the last one, "
         "or none (default: last)",
@@ -155,6 +156,9 @@ def train(
         from apollo_ray import distributed  # imports Ray: only when asked for
 
         return distributed.run(cfg, args.address, faults or None, tracking=target).metrics
+    from apollo_ray.mirror import RunMirror
+    from apollo_ray.trainer import Trainer
+
     tracker = RunMirror(target, cfg.output_dir, cfg.train.steps) if target else None
     trainer = Trainer(cfg, device=args.device, progress=not args.no_progress, tracker=tracker)
     if trainer.state.step:
@@ -168,6 +172,7 @@ def tracked(
     """`train`, recorded in MLflow as a study records a trial."""
     from mlflow import MlflowClient
 
+    from apollo_ray.checkpoints import LocalStore, StorageStore
     from apollo_ray.mlflow_server import check_tracking, tracking_uri
     from apollo_ray.results import log_run_results
     from apollo_ray.tracking import single_run

@@ -34,13 +34,13 @@ from apollo_ray.checkpoints import (
     set_rng_state,
 )
 from apollo_ray.config import ConfigError, RunConfig, TrainConfig
-from apollo_ray.data import Batches, DeviceBatches
+from apollo_ray.data.batches import Batches, DeviceBatches
 from apollo_ray.evaluation import Evaluator
 from apollo_ray.faults import FaultInjection
 from apollo_ray.growth import grow, make_growth
 from apollo_ray.mirror import NullTracker, Tracker
 from apollo_ray.model import TransformerLM, flops_per_microbatch
-from apollo_ray.runlog import METRICS, MetricsLog, record_resume
+from apollo_ray.runlog import METRICS, MetricsLog, NonFiniteLossError, record_resume
 from apollo_ray.schedule import Schedule
 
 __all__ = [
@@ -52,10 +52,6 @@ __all__ = [
     "compile_wanted",
     "lr_at",
 ]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stops before the weights are touched."""
 
 
 @dataclass

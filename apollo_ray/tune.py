@@ -36,9 +36,9 @@ from apollo_ray.faults import add_arguments as add_fault_arguments
 from apollo_ray.faults import requested
 from apollo_ray.mlflow_server import check_tracking, tracking_uri
 from apollo_ray.preflight import join_ray, machine, placeholders, storage
+from apollo_ray.runlog import NonFiniteLossError
 from apollo_ray.storage import is_uri
 from apollo_ray.study import StudyConfig, load_study
-from apollo_ray.trainer import NonFiniteLossError
 
 __all__ = [
     "cheap_checks",

@@ -12,7 +12,8 @@ import yaml
 from conftest import tiny_run_dict
 
 from apollo_ray.config import DataConfig
-from apollo_ray.data import IGNORE_INDEX, Batches, DataError, check_data, load_manifest, open_split
+from apollo_ray.data import DataError, check_data, load_manifest, open_split
+from apollo_ray.data.batches import IGNORE_INDEX, Batches
 from apollo_ray.train import main as train_main
 
 

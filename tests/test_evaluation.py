@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_run
 
-from apollo_ray.data import Batches
+from apollo_ray.data.batches import Batches
 from apollo_ray.evaluation import Evaluator
 from apollo_ray.model import TransformerLM
 from apollo_ray.trainer import Trainer

@@ -12,7 +12,7 @@ from conftest import upload
 
 from apollo_ray.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT, RayStore
 from apollo_ray.config import DataConfig
-from apollo_ray.data import Batches
+from apollo_ray.data.batches import Batches
 from apollo_ray.storage import join_uri
 
 

@@ -14,54 +14,22 @@ accumulation. Train sequences are visited in a fresh permutation per epoch, seed
 (seed, epoch); val sequences in order. MLM masks are drawn from an RNG seeded by (seed, g), so
 they do not depend on the worker layout either. `labels` is -100 where there is no target.
 `DeviceBatches` serves one rank's training micro-batches on its device, the next one prefetched.
-`check_data` is the pre-flight of a run or study: from the manifest alone, before anything trains.
+(The pre-flight of a run or study, from the manifest alone, is `shards.check_data`.)
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import numpy as np
 import torch
 
 from ..config import DataConfig, TrainConfig
 from ..storage import join_uri
-from .shards import SPLITS, Manifest, load_manifest, open_split
-from .sources import DataError
+from .shards import Manifest, Split, check_data, open_split, sequences, window
 from .tokenizer import Kind
 
-__all__ = ["IGNORE_INDEX", "Batches", "DeviceBatches", "check_data"]
+__all__ = ["IGNORE_INDEX", "Batches", "DeviceBatches"]
 
 IGNORE_INDEX = -100  # the default ignore_index of torch.nn.functional.cross_entropy
-MIN_SEQ_LEN = DataConfig.model_fields["seq_len"].metadata[0].ge
-Split = Literal["train", "val"]
-
-
-def check_data(
-    config: DataConfig,
-    kind: Kind,
-    splits: tuple[Split, ...] = SPLITS,
-    field: str = "data.path",
-) -> Manifest:
-    """The manifest of `config.path`, checked from its token counts (no shard is read): the data
-    was prepared for `kind`, and each of `splits` holds at least one sequence of
-    `config.seq_len`. One is enough: evaluation reads the val split's sequences over again when
-    it wants more than there are. A `DataError` names `field`, the YAML field of the path."""
-    try:
-        manifest = load_manifest(config.path)
-        if manifest.kind != kind:
-            raise DataError(
-                f"{config.path} was prepared for {manifest.kind}, not {kind}; "
-                f"prepare it again with --kind {kind}"
-            )
-        span, stride = _window(kind, config.seq_len)
-        for split in splits:
-            shard_tokens = [shard.tokens for shard in manifest.splits[split].shards]
-            if not sum(_sequences(shard_tokens, span, stride)):
-                raise DataError(_too_short(config, kind, split, shard_tokens))
-    except DataError as e:
-        raise DataError(f"{field}: {e}") from None
-    return manifest
 
 
 class Batches:
@@ -71,8 +39,8 @@ class Batches:
         self.config, self.kind, self.split, self.seed = config, kind, split, seed
         self.manifest: Manifest = check_data(config, kind, (split,))
         self._shards = open_split(config.path, split, self.manifest)
-        self._span, self._stride = _window(kind, config.seq_len)
-        counts = _sequences([len(s) for s in self._shards], self._span, self._stride)
+        self._span, self._stride = window(kind, config.seq_len)
+        counts = sequences([len(s) for s in self._shards], self._span, self._stride)
         self._first = np.cumsum([0, *counts])  # index of each shard's first sequence
         self.n_sequences = int(self._first[-1])
         special = sorted(set(self.manifest.special_ids.values()))
@@ -159,36 +127,6 @@ class Batches:
             replace = chosen & (action >= 0.8) & (action < 0.9)
             input_ids[b, replace] = rng.choice(self._ordinary, size=int(replace.sum()))
         return input_ids, labels
-
-
-def _window(kind: Kind, seq_len: int) -> tuple[int, int]:
-    """(span, stride): stream tokens per sequence, and the distance between consecutive ones."""
-    if kind == "bert":  # [CLS] + seq_len - 1 stream tokens
-        return seq_len - 1, seq_len - 1
-    return seq_len + 1, seq_len  # the inputs and, shifted by one, the labels
-
-
-def _sequences(shard_tokens: list[int], span: int, stride: int) -> list[int]:
-    """How many sequences each shard holds (a sequence never crosses a shard boundary)."""
-    return [max(0, (n - span) // stride + 1) for n in shard_tokens]
-
-
-def _too_short(config: DataConfig, kind: Kind, split: Split, shard_tokens: list[int]) -> str:
-    span = _window(kind, config.seq_len)[0]
-    longest = max(shard_tokens, default=0)
-    largest = longest + 1 if kind == "bert" else longest - 1  # the seq_len whose span fits
-    more = "prepare more data" + (" (or a larger --val-fraction)" if split == "val" else "")
-    advice = (
-        f"the largest seq_len that works is {largest}, or {more}"
-        if largest >= MIN_SEQ_LEN
-        else more
-    )
-    reader = "evaluation" if split == "val" else "training"
-    return (
-        f"{config.path}: the {split} split has {sum(shard_tokens)} tokens (longest shard "
-        f"{longest}) but {reader} needs at least {span} in one shard for one sequence of "
-        f"data.seq_len {config.seq_len}; {advice}"
-    )
 
 
 class DeviceBatches:

@@ -13,7 +13,9 @@ separator after each (`[SEP]` for bert, `<|endoftext|>` for gpt), cut into Arrow
       manifest.json                               written last: its presence means complete
 
 Readers memory-map local shards (zero-copy, read-only numpy views) and load shards behind a
-`pyarrow.fs` URI (`s3://`, `gs://`, `file://`, ...) into memory.
+`pyarrow.fs` URI (`s3://`, `gs://`, `file://`, ...) into memory. `check_data` is the pre-flight
+of a run or study, from the manifest alone: the data fits the run's model kind and sequence
+length (`window`, `sequences`: how a split is cut into sequences, as `batches` cuts it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from ..config import DataConfig
 from ..storage import filesystem, is_uri, join_uri, read_bytes
 from .sources import DataError, DocSep, Source, iter_documents, resolve_source
 from .tokenizer import SEPARATOR, Kind, load_tokenizer, special_ids, train_tokenizer
@@ -41,16 +44,21 @@ __all__ = [
     "Manifest",
     "ShardInfo",
     "SplitInfo",
+    "check_data",
     "load_manifest",
     "open_split",
     "prepare",
+    "sequences",
     "val_documents",
+    "window",
 ]
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+Split = Literal["train", "val"]
+MIN_SEQ_LEN = DataConfig.model_fields["seq_len"].metadata[0].ge
 ENCODE_BATCH = 512  # documents per `encode_batch` call (it encodes in parallel)
 
 
@@ -349,3 +357,60 @@ def _open_shard(location: str | Path, name: str) -> pa.NativeFile:
             return pa.BufferReader(f.read_buffer())
     except OSError as e:
         raise DataError(f"{location}/{name}: cannot read the shard ({e}); prepare again") from None
+
+
+def check_data(
+    config: DataConfig,
+    kind: Kind,
+    splits: tuple[Split, ...] = SPLITS,
+    field: str = "data.path",
+) -> Manifest:
+    """The manifest of `config.path`, checked from its token counts (no shard is read): the data
+    was prepared for `kind`, and each of `splits` holds at least one sequence of
+    `config.seq_len`. One is enough: evaluation reads the val split's sequences over again when
+    it wants more than there are. A `DataError` names `field`, the YAML field of the path."""
+    try:
+        manifest = load_manifest(config.path)
+        if manifest.kind != kind:
+            raise DataError(
+                f"{config.path} was prepared for {manifest.kind}, not {kind}; "
+                f"prepare it again with --kind {kind}"
+            )
+        span, stride = window(kind, config.seq_len)
+        for split in splits:
+            shard_tokens = [shard.tokens for shard in manifest.splits[split].shards]
+            if not sum(sequences(shard_tokens, span, stride)):
+                raise DataError(_too_short(config, kind, split, shard_tokens))
+    except DataError as e:
+        raise DataError(f"{field}: {e}") from None
+    return manifest
+
+
+def window(kind: Kind, seq_len: int) -> tuple[int, int]:
+    """(span, stride): stream tokens per sequence, and the distance between consecutive ones."""
+    if kind == "bert":  # [CLS] + seq_len - 1 stream tokens
+        return seq_len - 1, seq_len - 1
+    return seq_len + 1, seq_len  # the inputs and, shifted by one, the labels
+
+
+def sequences(shard_tokens: list[int], span: int, stride: int) -> list[int]:
+    """How many sequences each shard holds (a sequence never crosses a shard boundary)."""
+    return [max(0, (n - span) // stride + 1) for n in shard_tokens]
+
+
+def _too_short(config: DataConfig, kind: Kind, split: Split, shard_tokens: list[int]) -> str:
+    span = window(kind, config.seq_len)[0]
+    longest = max(shard_tokens, default=0)
+    largest = longest + 1 if kind == "bert" else longest - 1  # the seq_len whose span fits
+    more = "prepare more data" + (" (or a larger --val-fraction)" if split == "val" else "")
+    advice = (
+        f"the largest seq_len that works is {largest}, or {more}"
+        if largest >= MIN_SEQ_LEN
+        else more
+    )
+    reader = "evaluation" if split == "val" else "training"
+    return (
+        f"{config.path}: the {split} split has {sum(shard_tokens)} tokens (longest shard "
+        f"{longest}) but {reader} needs at least {span} in one shard for one sequence of "
+        f"data.seq_len {config.seq_len}; {advice}"
+    )
