@@ -64,7 +64,7 @@ def test_search_across_two_nodes_survives_losing_one(tmp_path, gpt_data, s3, tin
             time.sleep(0.1)
         assert killed, log.read_text()[-3000:]
         cluster.remove_node(other)  # and then the node that held the worker dies
-        time.sleep(3)
+        time.sleep(1)
         assert proc.poll() is None, "the study should wait for a node that can hold the worker"
         cluster.add_node(num_cpus=1, resources={"slot": 1})
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
