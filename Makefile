@@ -74,7 +74,7 @@ rsync:
 	  echo "rsync not installed: the cluster files' rsync dry run will be skipped"
 
 test: lint browser postgres rsync
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2
 
 ui: $(VENV)/.installed
 	$(PY) -m apollo_ray.ui

@@ -100,6 +100,45 @@ def gpt_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _prepare_demo(tmp_path_factory, "gpt")
 
 
+# The test modules with tests on the session's Ray (the `ray_cluster` fixture, directly or not).
+RAY_MODULES = {
+    "test_autoscaling",
+    "test_distributed",
+    "test_mirror",
+    "test_multinode",
+    "test_report",
+    "test_solo",
+    "test_tracking",
+    "test_tune",
+    "test_ui",
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under pytest-xdist (`make test` runs `-n 2`), the modules of `RAY_MODULES` go to one
+    worker, one test after another: they keep the cores half busy, waiting on Ray's processes,
+    and the other worker runs the rest of the suite meanwhile; a second Ray beside the first
+    would only slow both. (A scheduler of our own: pytest 9 ignores the `@group` suffix that
+    xdist's `--dist loadgroup` gives a node id.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = Path(nodeid.split("::")[0]).stem
+            return "ray" if module in RAY_MODULES else nodeid
+
+    return RayApart(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on Ray outside `RAY_MODULES` would run beside the others on a second Ray."""
+    for item in items:
+        module = getattr(item, "module", None)
+        uses_ray = "ray_cluster" in getattr(item, "fixturenames", ())
+        if uses_ray and module is not None and module.__name__ not in RAY_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} runs on Ray: add its module to RAY_MODULES")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance for every test that needs it (starting Ray costs ~10 s).
