@@ -285,6 +285,9 @@ def tiny_study(
     return path
 
 
+FINISHED = re.compile(r"trial \w+ finished")  # the study's line as a trial ends
+
+
 @pytest.fixture(scope="session")
 def tiny_search(ray_cluster, tmp_path_factory, gpt_data) -> Path:
     """One real small search (3 trials, 2 of them diverging; the finished one confirmed with 2
@@ -308,12 +311,12 @@ def tiny_search(ray_cluster, tmp_path_factory, gpt_data) -> Path:
         output = []
         for line in proc.stdout:  # one line per trial event: the output is not a terminal
             output.append(line)
-            if re.match(r"trial \w+ finished", line):
+            if FINISHED.match(line):
                 proc.send_signal(signal.SIGINT)  # Ctrl-C
                 break
         output.append(proc.communicate(timeout=120)[0])
     (root / "interrupted.log").write_text("".join(output) + f"exit status {proc.returncode}\n")
-    assert any(re.match(r"trial \w+ finished", line) for line in output), "".join(output)
+    assert any(FINISHED.match(line) for line in output), "".join(output)
     (root / "resumed_at").write_text(repr(time.time()))
     assert main([str(path), "--resume"]) == 0
     return root / "outputs"
