@@ -46,9 +46,11 @@ $(VENV)/bin/uv:
 demo: $(VENV)/.installed
 	$(PY) -m apollo_ray.tune search_spaces/small.yaml --resume
 
+# ruff, and the package's layers (pyproject.toml's import-linter contracts)
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Debian's Chromium + ChromeDriver for the MLflow UI browser test (skipped without them, except
 # in CI, where .ci/run sets CI=true and a missing browser fails the test).

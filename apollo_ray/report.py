@@ -24,12 +24,12 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from apollo_ray.acceleration import Curve, plot_loss_vs_flops
-from apollo_ray.frontier import Frontier, FrontierPoint
-from apollo_ray.mirror import pending_rows, sync, tracked
-from apollo_ray.mlflow_server import DB_NAME, local_store
-from apollo_ray.summary import ranking, text_table
-from apollo_ray.tracking import END, KIND, find_run
+from apollo_ray.records.mirror import pending_rows, sync, tracked
+from apollo_ray.records.mlflow_server import DB_NAME, local_store
+from apollo_ray.records.tracking import END, KIND, find_run
+from apollo_ray.search.summary import ranking, text_table
+from apollo_ray.yardstick.acceleration import Curve, plot_loss_vs_flops
+from apollo_ray.yardstick.frontier import Frontier, FrontierPoint
 
 __all__ = ["curve_of", "main", "study_runs", "sync_study", "table_rows"]
 

@@ -30,15 +30,15 @@ import yaml
 
 from apollo_ray.config import ConfigError, RunConfig, load_run_config
 from apollo_ray.data import DataError, check_data
-from apollo_ray.faults import add_arguments as add_fault_arguments
-from apollo_ray.faults import requested
-from apollo_ray.preflight import machine, placeholders, storage
-from apollo_ray.runlog import METRICS, NonFiniteLossError
+from apollo_ray.launch.preflight import machine, placeholders, storage
 from apollo_ray.storage import is_uri
-from apollo_ray.study import TrackingConfig
+from apollo_ray.study.schema import TrackingConfig
+from apollo_ray.training.faults import add_arguments as add_fault_arguments
+from apollo_ray.training.faults import requested
+from apollo_ray.training.runlog import METRICS, NonFiniteLossError
 
 if TYPE_CHECKING:  # torch and MLflow: imported once the checks have passed
-    from apollo_ray.mirror import Target
+    from apollo_ray.records.mirror import Target
 
 __all__ = ["main"]
 
@@ -157,8 +157,8 @@ def train(
         from apollo_ray import distributed  # imports Ray: only when asked for
 
         return distributed.run(cfg, args.address, faults or None, tracking=target).metrics
-    from apollo_ray.mirror import RunMirror
-    from apollo_ray.trainer import Trainer
+    from apollo_ray.records.mirror import RunMirror
+    from apollo_ray.training.trainer import Trainer
 
     tracker = RunMirror(target, cfg.output_dir, cfg.train.steps) if target else None
     trainer = Trainer(cfg, device=args.device, progress=not args.no_progress, tracker=tracker)
@@ -173,10 +173,10 @@ def tracked(
     """`train`, recorded in MLflow as a study records a trial."""
     from mlflow import MlflowClient
 
-    from apollo_ray.checkpoints import LocalStore, StorageStore
-    from apollo_ray.mlflow_server import check_tracking, tracking_uri
-    from apollo_ray.results import log_run_results
-    from apollo_ray.tracking import single_run
+    from apollo_ray.records.mlflow_server import check_tracking, tracking_uri
+    from apollo_ray.records.results import log_run_results
+    from apollo_ray.records.tracking import single_run
+    from apollo_ray.training.checkpoints import LocalStore, StorageStore
 
     keep = cfg.train.keep_checkpoints
     # where the checkpoints are: Ray Train's folders in out_dir, or out_dir/checkpoints/

@@ -7,16 +7,16 @@
     python -m apollo_ray.tune search_spaces/small.yaml --kill-at-step 7  # chaos: each trial
                                                     # is killed once and must resume
 
-In order, cheapest first (`apollo_ray.preflight`): the study file is validated and searched
+In order, cheapest first (`apollo_ray.launch.preflight`): the study file is validated and searched
 for placeholders (YOUR-BUCKET), the machine checked against a GPU study when no cluster is
 named, local data checked, the MLflow server checked (or a local one started), storage URIs
 reached, the data prepared if the study asks for it and checked against the base run
 (`check_data`), Ray joined and its resources checked; each failure is one `error:` line. Then
 the scratch frontier is trained once (or reused from `<output_dir>/baselines/`), the trials
-run (`apollo_ray.search`), and the end is summarised: a table, `best.yaml` (a ready-to-use run
+run (`apollo_ray.search.tuner`), and the end is summarised: a table, `best.yaml` (a ready-to-use run
 config) and `summary.json` in `<output_dir>/<experiment>/`, and the study's MLflow run.
 
-While the trials run, the terminal shows one line per running trial (`apollo_ray.progress`),
+While the trials run, the terminal shows one line per running trial (`apollo_ray.search.progress`),
 redrawn in place; without a terminal (CI, a log file) one line as each trial starts and one as
 it ends. Ray's own logs and the workers' output stay in Ray's log files
 (/tmp/ray/session_latest/logs) unless --verbose.
@@ -33,13 +33,13 @@ from pathlib import Path
 from apollo_ray.config import ConfigError
 from apollo_ray.data import DataError, check_data, prepare, resolve_source
 from apollo_ray.data.shards import MANIFEST
-from apollo_ray.faults import add_arguments as add_fault_arguments
-from apollo_ray.faults import requested
-from apollo_ray.mlflow_server import check_tracking, tracking_uri
-from apollo_ray.preflight import join_ray, machine, placeholders, storage
-from apollo_ray.runlog import NonFiniteLossError
+from apollo_ray.launch.preflight import join_ray, machine, placeholders, storage
+from apollo_ray.records.mlflow_server import check_tracking, tracking_uri
 from apollo_ray.storage import is_uri
-from apollo_ray.study import StudyConfig, load_study
+from apollo_ray.study.schema import StudyConfig, load_study
+from apollo_ray.training.faults import add_arguments as add_fault_arguments
+from apollo_ray.training.faults import requested
+from apollo_ray.training.runlog import NonFiniteLossError
 
 __all__ = [
     "cheap_checks",
@@ -123,9 +123,9 @@ def check_resources(study: StudyConfig) -> bool:
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    from apollo_ray import solo
-    from apollo_ray.capacity import describe, fits_now, node_types, shortfall
-    from apollo_ray.search import trial_resources
+    from apollo_ray.launch import solo
+    from apollo_ray.launch.capacity import describe, fits_now, node_types, shortfall
+    from apollo_ray.search.tuner import trial_resources
 
     res, now = study.base.resources, ray.cluster_resources()
     per_worker = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker, **res.worker_resources}
@@ -160,16 +160,16 @@ def run_study(
 ) -> None:
     """Everything after the cheap checks: tracking, storage, data, Ray, the baseline, the
     search, the end. Unless `verbose`, Ray's logs and the workers' output stay in Ray's log
-    files and the trials show as live lines (`apollo_ray.progress`). `faults` kills each search
-    trial's training once (`apollo_ray.faults`, chaos testing)."""
+    files and the trials show as live lines (`apollo_ray.search.progress`). `faults` kills each
+    search trial's training once (`apollo_ray.training.faults`, chaos testing)."""
     from ray.autoscaler.sdk import request_resources
 
-    from apollo_ray.baseline import ensure_frontier
-    from apollo_ray.progress import calm_driver
-    from apollo_ray.results import log_study_results
-    from apollo_ray.search import confirm_runs, run_confirm, run_search
-    from apollo_ray.summary import confirmation, summarize, trial_rows
-    from apollo_ray.tracking import study_run
+    from apollo_ray.records.results import log_study_results
+    from apollo_ray.records.tracking import study_run
+    from apollo_ray.search.baseline import ensure_frontier
+    from apollo_ray.search.progress import calm_driver
+    from apollo_ray.search.summary import confirmation, summarize, trial_rows
+    from apollo_ray.search.tuner import confirm_runs, run_confirm, run_search
 
     quiet = calm_driver(verbose)
     live = False if verbose else None  # the workers' output would run through live lines
@@ -203,7 +203,7 @@ def run_study(
 
 def where_to_look(study: StudyConfig) -> str:
     """The lines that close a study's output: its files, its MLflow records, the logs."""
-    from apollo_ray.progress import RAY_LOGS
+    from apollo_ray.search.progress import RAY_LOGS
 
     out = Path(study.study_dir)
     configured = study.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from apollo_ray.mlflow_server import DB_NAME, LocalServer
+from apollo_ray.records.mlflow_server import DB_NAME, LocalServer
 
 __all__ = ["main"]
 

@@ -11,7 +11,7 @@ per non-embedding parameter. The yardstick is the scratch frontier (docs/method.
 from-scratch runs at `frontier` x the budget, each fully decayed. An arm's final held-out loss
 is read against the frontier of its own seed: speedup = the FLOPs scratch needs for that loss /
 the arm's FLOPs (likewise in seconds); over seeds, the geometric mean with a 95% t-interval on
-the logs (apollo_ray.stats). An interval that contains 1 is "no difference".
+the logs (apollo_ray.yardstick.stats). An interval that contains 1 is "no difference".
 
 Arms (depths scaled from the release's 1, 3, 6, 12 to the preset's depth L):
 - release: N = 1, L/4, L/2, L, stages ending at 5/10/25% of the steps, released LVPS, `interp`
@@ -56,10 +56,10 @@ from matplotlib.figure import Figure
 
 from apollo_ray.config import ModelConfig, RunConfig, load_run_config
 from apollo_ray.data.shards import load_manifest, open_split, prepare
-from apollo_ray.frontier import Frontier, FrontierPoint, rank_key
-from apollo_ray.model import TransformerLM
-from apollo_ray.stats import log_interval, paired_log_interval
-from apollo_ray.trainer import Trainer
+from apollo_ray.method.model import TransformerLM
+from apollo_ray.training.trainer import Trainer
+from apollo_ray.yardstick.frontier import Frontier, FrontierPoint, rank_key
+from apollo_ray.yardstick.stats import log_interval, paired_log_interval
 from benchmarks.common import RESULTS, machine, print_table
 
 __all__ = ["ARMS", "PRESETS", "Preset", "arm_schedules", "main", "unigram_entropy"]

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from apollo_ray.config import RunConfig
-from apollo_ray.trainer import Trainer
+from apollo_ray.training.trainer import Trainer
 from benchmarks.common import print_table, save
 from benchmarks.throughput import demo_data, device_tag
 

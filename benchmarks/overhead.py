@@ -3,11 +3,12 @@
     python -m benchmarks.overhead                    # the demo's trials at 20, 60 and 100 steps
     python -m benchmarks.overhead --steps 20 60 --trials 2
 
-Runs real searches (`apollo_ray.search.run_search`: Ray Tune, Optuna's random sampler, each
+Runs real searches (`apollo_ray.search.tuner.run_search`: Ray Tune, Optuna's random sampler, each
 trial's MLflow run on a local `mlflow server` with the demo's checkpoint policy, its checkpoints
 and its scoring) of the demo study (`search_spaces/small.yaml`) at several step budgets, once
 per trial path, in this one run and on one local Ray:
-- in-process: the default for one worker, the trial trains in its own process (apollo_ray.solo);
+- in-process: the default for one worker, the trial trains in its own process
+  (apollo_ray.launch.solo);
 - Ray Train: the same trials through a one-worker TorchTrainer (`resources.worker_group:
   always`, the path every trial of several workers takes).
 A trial's wall time is Tune's `time_total_s`; the fixed cost is the intercept of a least-squares
@@ -70,18 +71,22 @@ def breakdown(study, scratch, record) -> dict[str, float]:
     import subprocess
     import sys
 
-    from apollo_ray import solo
-    from apollo_ray.acceleration import Curve
-    from apollo_ray.results import log_run_results
-    from apollo_ray.search import score
-    from apollo_ray.space import materialize
-    from apollo_ray.tracking import tracked_run
-    from apollo_ray.trainer import Trainer
+    from apollo_ray.launch import solo
+    from apollo_ray.records.results import log_run_results
+    from apollo_ray.records.tracking import tracked_run
+    from apollo_ray.search.tuner import score
+    from apollo_ray.study.space import materialize
+    from apollo_ray.training.trainer import Trainer
+    from apollo_ray.yardstick.acceleration import Curve
 
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-c", "import apollo_ray.search, apollo_ray.solo, apollo_ray.trainer"],
+        [
+            sys.executable,
+            "-c",
+            "import apollo_ray.search.tuner, apollo_ray.launch.solo, apollo_ray.training.trainer",
+        ],
         check=True,
     )
     phases["fresh Python importing a trial's modules"] = time.perf_counter() - t0
@@ -145,11 +150,11 @@ def main() -> None:
 
     import ray
 
-    from apollo_ray.baseline import ensure_frontier
-    from apollo_ray.mlflow_server import LocalServer
-    from apollo_ray.search import run_search
-    from apollo_ray.study import load_study
-    from apollo_ray.tracking import study_run
+    from apollo_ray.records.mlflow_server import LocalServer
+    from apollo_ray.records.tracking import study_run
+    from apollo_ray.search.baseline import ensure_frontier
+    from apollo_ray.search.tuner import run_search
+    from apollo_ray.study.schema import load_study
     from apollo_ray.tune import prepare_data
 
     out = Path(tempfile.mkdtemp(prefix="apollo-overhead-"))

@@ -19,8 +19,8 @@ new run on the same machine has it); a whole run (`--run-steps`, the acceleratio
 Apollo run: stages, growths, evaluations) eager and compiled, end to end; and a profile of the
 eager and the compiled step: op time, the shares of matmuls (what compiling cannot shorten) and
 of inductor's generated kernels (what replaced the eager elementwise ops), and the attention
-kernel that ran. MFU = model FLOPs/s (`apollo_ray.model.flops_per_microbatch`) over the chip's dense
-bf16 peak (`--peak-tflops`, known for A100/H100/H200).
+kernel that ran. MFU = model FLOPs/s (`apollo_ray.method.model.flops_per_microbatch`) over the
+chip's dense bf16 peak (`--peak-tflops`, known for A100/H100/H200).
 Writes benchmarks/results/throughput-<kind>-<device>.json (`compiled_vs_eager`: compiled over
 eager `Trainer.train_step` tokens/s).
 """
@@ -39,8 +39,9 @@ import torch
 
 from apollo_ray.config import RunConfig
 from apollo_ray.data import prepare
-from apollo_ray.model import TransformerLM, flops_per_microbatch
-from apollo_ray.trainer import Trainer, autocast_for, build_optimizer
+from apollo_ray.method.model import TransformerLM, flops_per_microbatch
+from apollo_ray.training.optim import autocast_for, build_optimizer
+from apollo_ray.training.trainer import Trainer
 from benchmarks.common import print_table, save
 
 __all__ = ["demo_data", "device_tag", "main", "peak_flops", "plain_loop", "profile_step"]

@@ -369,8 +369,8 @@ def mlflow_target(folder: Path, policy: str = "all"):
     as soon as they may be (`every_s=0`)."""
     from mlflow import MlflowClient
 
-    from apollo_ray.mirror import Target
-    from apollo_ray.mlflow_server import local_store
+    from apollo_ray.records.mirror import Target
+    from apollo_ray.records.mlflow_server import local_store
 
     uri, artifacts = local_store(folder)
     client = MlflowClient(uri)
@@ -388,7 +388,7 @@ def records(client, run_id: str, run_dir: Path) -> tuple[dict[str, list], dict[s
     """The history of each metric of a run's metrics.jsonl in its MLflow run, and what the file
     says it must be: each row's points once ((step, value) sorted; a point logged twice shows
     twice)."""
-    from apollo_ray.mirror import metrics_of
+    from apollo_ray.records.mirror import metrics_of
 
     want: dict[str, list] = {}
     for row in metrics_rows(run_dir):
@@ -406,7 +406,7 @@ def search_runs(output_dir: Path, experiment: str = "tiny"):
     """(client, experiment, runs) of a study's MLflow experiment in its local store."""
     from mlflow import MlflowClient
 
-    from apollo_ray.mlflow_server import local_store
+    from apollo_ray.records.mlflow_server import local_store
 
     client = MlflowClient(local_store(output_dir)[0])
     exp = client.get_experiment_by_name(experiment)

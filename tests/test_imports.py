@@ -13,10 +13,11 @@ from conftest import tiny_run
 ROOT = Path(__file__).parent.parent
 BLOCKED = ("ray", "mlflow", "optuna")
 TRAINING_SIDE = [
-    "apollo_ray.model",
-    "apollo_ray.trainer",
+    *(f"apollo_ray.method.{m}" for m in ("model", "depth", "schedule", "growth")),
     "apollo_ray.data",
-    "apollo_ray.checkpoints",
+    "apollo_ray.data.batches",
+    *(f"apollo_ray.training.{m}" for m in ("trainer", "checkpoints", "export", "evaluation")),
+    *(f"apollo_ray.yardstick.{m}" for m in ("acceleration", "scratch", "stats")),
     "apollo_ray.export",
     "benchmarks.throughput",
     "benchmarks.acceleration",
@@ -52,7 +53,7 @@ if failed:
     sys.exit("failed to import:\\n" + "\\n".join(failed))
 
 from apollo_ray.config import RunConfig
-from apollo_ray.trainer import Trainer
+from apollo_ray.training.trainer import Trainer
 
 state = Trainer(RunConfig.model_validate_json(sys.argv[1]), "cpu", progress=False).fit()
 assert state.step == 2, state

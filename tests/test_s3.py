@@ -10,10 +10,11 @@ import pyarrow.fs
 import torch
 from conftest import upload
 
-from apollo_ray.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT, RayStore
 from apollo_ray.config import DataConfig
 from apollo_ray.data.batches import Batches
+from apollo_ray.launch.distributed import RayStore
 from apollo_ray.storage import join_uri
+from apollo_ray.training.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT
 
 
 def test_shards_read_from_s3_give_the_same_batches(s3, gpt_data):
@@ -51,8 +52,8 @@ def test_checkpoint_storage_on_s3(s3):
 def test_a_checkpoint_naming_a_tokenizer_in_s3_exports_with_it(s3, gpt_data, tmp_path):
     # a cluster's checkpoints name the tokenizer where the data was: in the bucket
     from apollo_ray.config import ModelConfig
-    from apollo_ray.export import export_checkpoint
-    from apollo_ray.model import TransformerLM
+    from apollo_ray.method.model import TransformerLM
+    from apollo_ray.training.export import export_checkpoint
 
     uri = upload(gpt_data, s3, "export")
     tokenizer = Batches(DataConfig(path=uri, seq_len=32), "gpt", "train", seed=1).tokenizer_path

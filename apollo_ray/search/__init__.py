@@ -1,0 +1,8 @@
+"""The schedule search: Ray Tune + Optuna over a study, read against the scratch frontier.
+
+- `tuner`: the Ray tiers side by side: `run_search` (Tuner + OptunaSearch), `trial_driver`, `score`,
+  and the confirmation runs
+- `baseline`: the scratch frontier's runs: their configs, their key, trained once and cached
+- `summary`: the trials table and ranking, the confirmed ranking, `best.yaml` and `summary.json`
+- `progress`: the study driver's terminal: one line per running trial
+"""

@@ -1,0 +1,289 @@
+"""The end of a search: the trials table, the best trial (or the Pareto front), `best.yaml`
+and `summary.json` in `<output_dir>/<experiment>/`; and the one text-table helper that
+`apollo_ray.report` uses too."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from apollo_ray.study.schema import StudyConfig
+from apollo_ray.study.space import materialize
+from apollo_ray.training.runlog import DIVERGED_KEY, last_eval
+from apollo_ray.yardstick.frontier import rank_key
+from apollo_ray.yardstick.scratch import Scratch
+from apollo_ray.yardstick.stats import Interval, log_interval, paired_log_interval
+
+__all__ = [
+    "confirmation",
+    "confirmed_note",
+    "format_confirmed",
+    "format_table",
+    "noise_note",
+    "pareto_front",
+    "ranking",
+    "summarize",
+    "text_table",
+    "trial_rows",
+]
+
+
+def trial_rows(study: StudyConfig, grid) -> list[dict[str, Any]]:
+    """One row per trial of Tune's `grid`: status, searched params and scores; finished trials
+    first, best first (`ranking`)."""
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        status = "ok" if "speedup" in m else "stopped early" if m else "no result"
+        if DIVERGED_KEY in m:
+            status = f"diverged: {m[DIVERGED_KEY][:120]}"
+        if result.error is not None:
+            status = f"failed: {str(result.error).strip().splitlines()[-1][:120]}"
+        params = {k: v for k, v in (result.config or {}).items() if k in study.search.space}
+        rows.append(
+            {
+                "trial": m.get("trial_id") or Path(result.path).name,
+                "status": status,
+                "params": params,
+                **{k: m.get(k) for k in ROW_FIELDS},
+            }
+        )
+    done = sorted((r for r in rows if r["status"] == "ok"), key=ranking(study.search.objective))
+    return done + [r for r in rows if r["status"] != "ok"]
+
+
+def confirmation(study: StudyConfig, runs: list[dict[str, Any]], grid) -> list[dict[str, Any]]:
+    """The confirmed ranking: per re-run trial, its speedups and final losses over the fresh
+    seeds, the geometric-mean speedup with its 95% interval (`stats.log_interval`), best first
+    (by mean speedup, or mean final loss for objective eval_loss)."""
+    by_trial: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        entry = by_trial.setdefault(run["trial"], {"trial": run["trial"], "params": run["params"]})
+        entry.setdefault("seeds", [])
+    for result in grid:
+        m, run = result.metrics or {}, runs[(result.config or {})["run"]]
+        entry = by_trial[run["trial"]]
+        if result.error is None and "speedup" in m:
+            entry["seeds"].append(run["seed"])
+            entry.setdefault("speedups", []).append(m["speedup"])
+            entry.setdefault("eval_losses", []).append(m["eval_loss"])
+            entry.setdefault("bounds", []).append(m.get("bound"))
+        else:
+            entry.setdefault("failed_seeds", []).append(run["seed"])
+    table = []
+    for entry in by_trial.values():
+        if entry["seeds"]:
+            order = sorted(range(len(entry["seeds"])), key=lambda k: entry["seeds"][k])
+            for key in ("seeds", "speedups", "eval_losses", "bounds"):
+                entry[key] = [entry[key][k] for k in order]
+            entry["speedup"] = asdict(log_interval(entry["speedups"]))
+            entry["eval_loss"] = sum(entry["eval_losses"]) / len(entry["eval_losses"])
+        table.append(entry)
+    if study.search.objective == "eval_loss":
+        return sorted(table, key=lambda e: e.get("eval_loss", math.inf))
+    return sorted(table, key=lambda e: -e["speedup"]["mean"] if "speedup" in e else math.inf)
+
+
+def confirmed_note(confirmed: list[dict[str, Any]], scratch_se: float | None = None) -> str:
+    """The confirmed best trial's speedup with its interval, and against the runner-up, paired
+    by seed, whether they differ at all; with `scratch_se`, a reminder that the frontier's own
+    evaluation noise is not in the interval."""
+    done = [e for e in confirmed if e["seeds"]]
+    if not done:
+        return "confirmation: no re-run finished"
+    best = done[0]
+    lines = [f"confirmed best trial {best['trial']}: " + Interval(**best["speedup"]).describe()]
+    if any(b == "lower" for b in best["bounds"]):
+        lines.append("  (some seeds ended beyond the frontier: those speedups are lower bounds)")
+    if scratch_se is not None:
+        lines.append(
+            f"  (read against one scratch frontier, of the base seed, whose final losses carry "
+            f"their own evaluation noise, +-{1.96 * scratch_se:.3g} at 95%, not in this interval: "
+            "where the frontier falls less than that between budgets, a speedup means little)"
+        )
+    if len(done) > 1:
+        second = done[1]
+        common = sorted(set(best["seeds"]) & set(second["seeds"]))
+        if len(common) > 1:
+            a = [best["speedups"][best["seeds"].index(s)] for s in common]
+            b = [second["speedups"][second["seeds"].index(s)] for s in common]
+            ratio = paired_log_interval(a, b).describe(f"ratio to {second['trial']}")
+            lines.append(f"against the runner-up, paired by seed: {ratio}")
+    return "\n".join(lines)
+
+
+def summarize(
+    study: StudyConfig,
+    rows: list[dict[str, Any]],
+    scratch: Scratch,
+    confirmed: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Print the trials table (and the confirmed ranking); write best.yaml and summary.json.
+    Returns the summary: the trials in ranking order, the best (the confirmed best if there is
+    one, or the Pareto front), the frontier, and plain notes on whether the best trial's lead is
+    more than noise."""
+    done = [r for r in rows if r["status"] == "ok"]
+    best = pareto_front(done) if study.search.objective == "pareto" else done[:1]
+    full = last_eval(scratch.full)
+    notes = []
+    if confirmed and confirmed[0]["seeds"]:
+        (row,) = [r for r in done if r["trial"] == confirmed[0]["trial"]]
+        best = [row]
+        notes.append(confirmed_note(confirmed, full.get("eval_loss_se")))
+    notes.insert(0, noise_note(best[0], full) if best else "no trial finished")
+    summary = {
+        "experiment": study.experiment,
+        "objective": study.search.objective,
+        "trials": rows,
+        "confirmed": confirmed,
+        "best": best,
+        "frontier": [asdict(p) for p in scratch.frontier().points],
+        "scratch": {"eval_loss": full["eval_loss"], "eval_loss_se": full.get("eval_loss_se")},
+        "note": "\n".join(notes),
+    }
+    out = Path(study.study_dir)
+    if best:
+        write_best_yaml(study, best[0], out / "best.yaml")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    table = format_table(rows)
+    if confirmed:
+        table += "\n\nconfirmed with fresh seeds, best first:\n" + format_confirmed(confirmed)
+    table += "\n\n" + summary["note"]
+    (out / "summary.txt").write_text(table + "\n")
+    print(table)
+    return summary
+
+
+def format_confirmed(confirmed: list[dict[str, Any]]) -> str:
+    header = ["trial", "seeds", "mean eval loss", "speedup (geometric mean)", "95% CI"]
+    lines = []
+    for e in confirmed:
+        if not e["seeds"]:
+            lines.append([e["trial"], "-", "-", "-", f"failed: seeds {e.get('failed_seeds')}"])
+            continue
+        ci = e["speedup"]
+        interval = "-" if ci["low"] is None else f"{ci['low']:.3g}-{ci['high']:.3g}"
+        lines.append(
+            [
+                e["trial"],
+                ",".join(map(str, e["seeds"])),
+                f"{e['eval_loss']:.4f}",
+                f"{ci['mean']:.3g}",
+                interval,
+            ]
+        )
+    return text_table(header, lines)
+
+
+ROW_FIELDS = (
+    "eval_loss",
+    "eval_loss_se",
+    "flops",
+    "speedup",
+    "saving",
+    "bound",
+    "wall_speedup",
+    "paper_reached",
+    "paper_flops_saving",
+)
+
+
+def ranking(objective: str):
+    """Sort key of finished trials, best first: against the frontier (`frontier.rank_key`) for
+    speedup and flops_saving, by final loss for eval_loss and pareto."""
+    if objective in ("speedup", "flops_saving"):
+        return lambda r: rank_key(r["bound"], r["eval_loss"], r["flops"], r["speedup"])
+    return lambda r: (r["eval_loss"], r["flops"])
+
+
+def noise_note(best: dict[str, Any], scratch: dict[str, Any]) -> str:
+    """Whether the best trial's final loss differs from the scratch run of its budget by more
+    than the evaluation noise (1.96 standard errors of the difference), said plainly."""
+    diff = best["eval_loss"] - scratch["eval_loss"]
+    ses = [best.get("eval_loss_se"), scratch.get("eval_loss_se")]
+    where = (
+        f"best trial {best['trial']}: final loss {best['eval_loss']:.4f} vs scratch at the same "
+        f"budget {scratch['eval_loss']:.4f} ({diff:+.4f})"
+    )
+    if any(se is None for se in ses):
+        return f"{where}; no standard error recorded, so no statement on noise"
+    margin = 1.96 * math.hypot(*ses)
+    verdict = (
+        "inside the evaluation noise: no evidence that it ends better or worse than scratch"
+        if abs(diff) < margin
+        else "outside the evaluation noise"
+    )
+    return (
+        f"{where}, 95% margin ±{margin:.4f}: {verdict}. One seed each: seed-to-seed variation "
+        "is not in this margin (search.confirm re-runs the best trials with fresh seeds)."
+    )
+
+
+def write_best_yaml(study: StudyConfig, best: dict[str, Any], path: Path) -> None:
+    cfg = materialize(
+        study.base,
+        best["params"],
+        name=f"{study.experiment}-best",
+        out_dir=str(Path("runs") / f"{study.experiment}-best"),
+    )
+    path.write_text(
+        f"# Best schedule of study {study.experiment} (trial {best['trial']}).\n"
+        f"# Train it: python -m apollo_ray.train {path}\n"
+        + yaml.safe_dump(cfg.model_dump(mode="json", exclude={"out_dir"}), sort_keys=False)
+    )
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials not dominated in (eval loss, total FLOPs), both minimised."""
+
+    def dominated(r):
+        return any(
+            o["eval_loss"] <= r["eval_loss"]
+            and o["flops"] <= r["flops"]
+            and (o["eval_loss"], o["flops"]) != (r["eval_loss"], r["flops"])
+            for o in rows
+        )
+
+    return sorted((r for r in rows if not dominated(r)), key=lambda r: r["flops"])
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def fmt(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    header = ["trial", "eval loss", "speedup", "saving", "paper saving", "status", "params"]
+    lines = [
+        [
+            r["trial"],
+            _loss(r.get("eval_loss"), r.get("eval_loss_se"), fmt),
+            {"lower": ">= ", "upper": "<= "}.get(r.get("bound") or "", "") + fmt(r.get("speedup")),
+            fmt(r.get("saving")),
+            fmt(r.get("paper_flops_saving")),
+            r["status"],
+            ", ".join(f"{k}={fmt(v)}" for k, v in r["params"].items()),
+        ]
+        for r in rows
+    ]
+    return text_table(header, lines)
+
+
+def _loss(loss: float | None, se: float | None, fmt) -> str:
+    return fmt(loss) if se is None or loss is None else f"{loss:.4f} ± {se:.4f}"
+
+
+def text_table(header: list[str], lines: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart, the header first."""
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *lines]
+    )

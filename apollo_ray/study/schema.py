@@ -1,0 +1,287 @@
+"""Study files (`search_spaces/*.yaml`): the schema of a schedule search, validated once.
+
+    python -m apollo_ray.tune search_spaces/small.yaml
+
+A study names an `experiment`, a `base` run (a `RunConfig` without name/out_dir) that every
+trial starts from, and a `search` whose `space` maps dotted `RunConfig` paths to distributions
+(`apollo_ray.study.space`). `load_study` reads the YAML, pins local paths down (Ray runs trials in
+other working directories) and validates everything once: the schema, and the space against
+the base run (`apollo_ray.study.space_checks`), so an error names the YAML path, the value and what
+the field allows. Downstream code receives the validated `StudyConfig`, or its dict form across
+a process boundary, validated there once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from apollo_ray.config import ConfigError, RunConfig, Strict, format_validation_error, load_yaml
+from apollo_ray.storage import absolute, is_uri, join_uri
+from apollo_ray.study.space import Param
+from apollo_ray.study.space_checks import Problem, check_space, line_errors
+
+__all__ = [
+    "BASELINES",
+    "OBJECTIVES",
+    "ConfirmConfig",
+    "PrepareConfig",
+    "SamplerConfig",
+    "SchedulerConfig",
+    "SearchConfig",
+    "StudyConfig",
+    "TrackingConfig",
+    "load_study",
+]
+
+BASELINES = "baselines"  # <output_dir>/baselines/<key>/ caches the scratch baselines
+# objective -> (Tune metric(s), mode(s))
+OBJECTIVES: dict[str, tuple[Any, Any]] = {
+    "eval_loss": ("eval_loss", "min"),
+    "flops_saving": ("saving", "max"),
+    "speedup": ("speedup", "max"),
+    "pareto": (["eval_loss", "flops"], ["min", "min"]),
+}
+
+
+class PrepareConfig(Strict):
+    """Data to prepare into `base.data.path` (kind `base.model.kind`) when it has no manifest."""
+
+    sources: list[str] = Field(
+        min_length=1,
+        description="as `python -m apollo_ray.data prepare SOURCE...`: demo, files or globs, "
+        "a datasets directory, or hub:NAME[:CONFIG]",
+    )
+    vocab_size: int = Field(8192, ge=8, description="vocabulary size of the trained tokenizer")
+    val_fraction: float = Field(
+        0.01, gt=0.0, lt=1.0, description="fraction of the documents held out for validation"
+    )
+    doc_sep: Literal["blank", "line"] = Field(
+        "blank",
+        description="what separates the documents of a .txt file: blank lines, or each line",
+    )
+    text_column: str = Field("text", description="the column (jsonl: field) that holds the text")
+    split: str = Field("train", description="split to read from a datasets or hub: source")
+
+
+class SamplerConfig(Strict):
+    """The Optuna sampler that proposes trials."""
+
+    kind: Literal["tpe", "random", "cmaes"] = Field(
+        "tpe",
+        description="tpe: Optuna's TPE (multi-objective too); random; cmaes: CMA-ES on the "
+        "numeric parameters (single objective only)",
+    )
+    seed: int = Field(0, description="sampler seed: the same seed proposes the same trials")
+
+
+class SchedulerConfig(Strict):
+    """Early stopping by Tune's ASHA, comparing trials at equal cumulative training FLOPs."""
+
+    kind: Literal["asha"] = Field("asha", description="asha: asynchronous successive halving")
+    grace_fraction: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="ASHA's grace period as a fraction of the baseline's total FLOPs",
+    )
+    reduction_factor: float = Field(
+        3.0, ge=2.0, description="ASHA keeps 1 / reduction_factor of the trials at each rung"
+    )
+
+
+class ConfirmConfig(Strict):
+    """Re-run the best trials with fresh seeds once the search is over, and rank them on the
+    mean over those seeds (a trial that won once by luck does not stay on top)."""
+
+    top_k: int = Field(3, ge=1, description="how many of the best trials to re-run")
+    seeds: int = Field(
+        3, ge=2, description="fresh seeds per trial: base.seed + 1, ..., base.seed + seeds"
+    )
+
+
+class SearchConfig(Strict):
+    """What to search and how: the trials, the Optuna sampler, the objective and the space."""
+
+    trials: int = Field(ge=1, description="number of trials (Tune's num_samples)")
+    max_concurrent_trials: int = Field(1, ge=1, description="trials running at the same time")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Optuna sampler")
+    objective: Literal["eval_loss", "flops_saving", "speedup", "pareto"] = Field(
+        "flops_saving",
+        description="read against the scratch frontier: speedup = the FLOPs scratch needs for "
+        "the trial's final loss / the trial's FLOPs (max); flops_saving = 1 - 1/speedup (max, "
+        "the same ranking); eval_loss (min); pareto: min eval_loss and min total FLOPs",
+    )
+    scheduler: SchedulerConfig | None = Field(
+        None, description="early stopping (ASHA); null runs every trial to the end"
+    )
+    space: dict[str, Param] = Field(
+        default_factory=dict,
+        description="dotted RunConfig paths (train.lr, schedule.alpha, ...) -> distributions",
+    )
+    confirm: ConfirmConfig | None = Field(
+        None,
+        description="re-run the top_k trials with fresh seeds and rank them on the means; "
+        "best.yaml, the summary and the registered model follow that ranking",
+    )
+
+
+class TrackingConfig(Strict):
+    """Where trials are tracked (MLflow) and which checkpoints are logged."""
+
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; null: a local SQLite store under output_dir; on a "
+        "cluster the head node's server, e.g. http://127.0.0.1:5000",
+    )
+    checkpoints: Literal["all", "last", "none"] = Field(
+        "last", description="Train checkpoints logged to MLflow: all, the last one, or none"
+    )
+
+
+class StudyConfig(Strict):
+    """One study: `python -m apollo_ray.tune STUDY.yaml`.
+
+    `base` is a full `RunConfig` but for name/out_dir, which the study sets (name = experiment,
+    out_dir = <output_dir>/<experiment>/base); trials get theirs from `materialize`."""
+
+    experiment: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="study name ([A-Za-z0-9_.-]+): the MLflow experiment and the output folder",
+    )
+    output_dir: str = Field(
+        "outputs",
+        min_length=1,
+        description="studies live in <output_dir>/<experiment>/, the baseline cache in "
+        "<output_dir>/baselines/: a folder (on a multi-node cluster, one every node sees)",
+    )
+    storage_path: str | None = Field(
+        None,
+        min_length=1,
+        description="Ray Train checkpoints and Tune's search state: a folder or an s3:// / gs:// "
+        "URI every node reaches, laid out like output_dir; null: in output_dir",
+    )
+    prepare: PrepareConfig | None = Field(
+        None, description="data to prepare when base.data.path has no manifest.json yet"
+    )
+    base: RunConfig = Field(
+        description="the run every trial starts from: model, data, train, resources, seed, "
+        "schedule (the defaults of the searched values)"
+    )
+    frontier: list[float] = Field(
+        [0.25, 0.5, 1.0, 2.0],
+        min_length=2,
+        description="the scratch frontier every trial is read against: budgets of from-scratch "
+        "runs, as multiples of base.train.steps, each with its own warmup and decay; 1.0 (the "
+        "trials' own budget) must be one of them",
+    )
+    search: SearchConfig = Field(description="trials, sampler, objective, scheduler, space")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")
+
+    @field_validator("experiment")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in {".", "..", BASELINES}:
+            raise ValueError(f"{name!r} is reserved; choose another name")
+        return name
+
+    @field_validator("frontier")
+    @classmethod
+    def _budgets(cls, budgets: list[float]) -> list[float]:
+        if any(b <= 0 for b in budgets) or len(set(budgets)) != len(budgets):
+            raise ValueError(f"budgets must be distinct and positive, got {budgets}")
+        if 1.0 not in budgets:
+            raise ValueError(f"must include 1.0 (the trials' own budget), got {budgets}")
+        return sorted(budgets)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder(cls, output_dir: str) -> str:
+        if is_uri(output_dir):
+            raise ValueError(
+                f"{output_dir!r} is a URI: output_dir holds the runs' logs and must be a folder "
+                "(on a cluster, one every node sees); put checkpoints in object storage with "
+                "storage_path"
+            )
+        return absolute(output_dir)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _pinned(cls, storage_path: str | None) -> str | None:
+        return None if storage_path is None else absolute(storage_path)
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _name_base(cls, base: Any, info: ValidationInfo) -> Any:
+        if not isinstance(base, dict):
+            return base
+        experiment = info.data.get("experiment", "study")
+        output_dir = info.data.get("output_dir", "outputs")
+        derived = {"name": experiment, "out_dir": join_uri(output_dir, experiment, "base")}
+        data = base.get("data")
+        if isinstance(data, dict) and isinstance(data.get("path"), str):
+            base = {**base, "data": {**data, "path": absolute(data["path"])}}
+        given = {k: base[k] for k in derived if k in base}
+        if any(base[k] != derived[k] for k in given):
+            raise ValueError(
+                f"name and out_dir are set by the study (name = experiment, out_dir = "
+                f"<output_dir>/<experiment>/base); remove them (got {given})"
+            )
+        return {**base, **derived}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudyConfig:
+        problems = check_space(self.search.space, self.base) + _check_objective(self.search)
+        smallest = round(self.frontier[0] * self.base.train.steps)
+        if smallest < 2:
+            message = f"the smallest budget gives {smallest} steps of base.train.steps; raise it"
+            problems.append(Problem(("frontier",), message, self.frontier))
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, line_errors(problems))
+        return self
+
+    @property
+    def study_dir(self) -> str:
+        """<output_dir>/<experiment>: the study's own outputs."""
+        return join_uri(self.output_dir, self.experiment)
+
+    @property
+    def baselines_dir(self) -> str:
+        """<output_dir>/baselines: scratch baselines, shared by studies, keyed by `baseline_key`."""
+        return join_uri(self.output_dir, BASELINES)
+
+    def storage(self, *parts: str) -> str:
+        """Where Ray keeps checkpoints and search state for `<output_dir>/<parts>`: the same
+        place, or the same layout under `storage_path`."""
+        return join_uri(self.storage_path or self.output_dir, *parts)
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML (local paths made absolute); errors are a `ConfigError`
+    naming the file and the YAML paths."""
+    data = load_yaml(path)
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None
+
+
+def _check_objective(search: SearchConfig) -> list[Problem]:
+    problems = []
+    if search.objective == "pareto" and search.scheduler is not None:
+        # ASHA ranks trials by one metric, and a stopped trial would reach Optuna with its
+        # truncated FLOPs: a cheap-looking point on the front that no finished run achieves.
+        message = (
+            "objective pareto cannot be combined with a scheduler (an early-stopped trial's "
+            "truncated FLOPs would enter the Pareto front); set scheduler: null"
+        )
+        problems.append(Problem(("search", "scheduler"), message, search.scheduler.kind))
+    if search.objective == "pareto" and search.confirm is not None:
+        message = "confirm ranks trials by one figure; objective pareto has two: set confirm: null"
+        problems.append(Problem(("search", "confirm"), message, "pareto"))
+    if search.objective == "pareto" and search.sampler.kind == "cmaes":
+        message = "cmaes is single-objective; objective pareto needs tpe or random"
+        problems.append(Problem(("search", "sampler", "kind"), message, "cmaes"))
+    return problems

@@ -1,0 +1,40 @@
+"""A study's scratch runs, by budget, read as the frontier and as curves (`Scratch`). Which runs
+they are and how they are trained is `apollo_ray.search.baseline`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from apollo_ray.yardstick.acceleration import Curve
+from apollo_ray.yardstick.frontier import Frontier, FrontierPoint
+
+__all__ = ["Scratch"]
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """The study's scratch runs, by budget: where each one's metrics.jsonl is."""
+
+    runs: dict[float, str]
+
+    @property
+    def full(self) -> Path:
+        """The metrics of the scratch run at the trials' own budget (1.0)."""
+        return Path(self.runs[1.0])
+
+    def frontier(self) -> Frontier:
+        points = []
+        for budget, path in self.runs.items():
+            curve = Curve.from_metrics(path)
+            points.append(
+                FrontierPoint(budget, curve.total_flops, curve.total_wall, curve.final_loss)
+            )
+        return Frontier(points)
+
+    def curves(self) -> list[Curve]:
+        """Each run's eval curve, named `scratch <budget>x`, smallest budget first."""
+        return [
+            Curve.from_metrics(path, name=f"scratch {budget:g}x")
+            for budget, path in sorted(self.runs.items())
+        ]

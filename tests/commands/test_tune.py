@@ -1,0 +1,99 @@
+"""`python -m apollo_ray.tune`: its pre-flight checks, then real studies on a local Ray (Optuna
+suggestions, one-worker trials in their own processes, a diverging trial, a killed trial that
+Tune retries, the cached baseline, and an interrupted study resumed with --resume)."""
+
+import json
+
+import pytest
+import yaml
+from conftest import metrics_rows, tiny_study
+
+from apollo_ray.config import ConfigError, load_run_config
+from apollo_ray.study.schema import load_study
+from apollo_ray.training.faults import FAULT_MARKER
+from apollo_ray.tune import check_resources, main
+
+
+def test_object_storage_output_is_refused_clearly(tmp_path, gpt_data, capsys):
+    path = tiny_study(tmp_path, gpt_data)
+    data = yaml.safe_load(path.read_text())
+    data["output_dir"] = "s3://bucket/out"
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir" in err and "storage_path" in err  # names the field and the way out
+
+
+@pytest.mark.slow
+def test_search_scores_trials_and_records_failures(tiny_search):
+    out = tiny_search / "tiny"
+    summary = json.loads((out / "summary.json").read_text())
+    statuses = [t["status"] for t in summary["trials"]]
+    assert len(statuses) == 3 and statuses.count("ok") >= 1
+    failed = [s for s in statuses if s != "ok"]
+    assert failed and all(s.startswith("diverged: loss is nan") for s in failed)  # lr = 1e9
+    # a diverged trial ends at once, not as an error that Tune would retry (the finished trial
+    # errored once: its process was killed, --kill-at-step, and Tune retried it)
+    errored = [p.parent.name for p in (out / "tune" / "search").glob("*/error.txt")]
+    diverged = [t["trial"] for t in summary["trials"] if t["status"] != "ok"]
+    assert not [name for name in errored if any(trial in name for trial in diverged)], errored
+    ok = next(t for t in summary["trials"] if t["status"] == "ok")
+    assert ok["speedup"] > 0 and ok["params"]["train.lr"] == 3.0e-3
+    best = load_run_config(out / "best.yaml")  # a ready-to-use run config
+    assert best.train.lr == 3.0e-3 and best.schedule.alpha == ok["params"]["schedule.alpha"]
+    assert "loss is nan" in (out / "summary.txt").read_text()  # the table shows the reason
+
+    # the summary reads the trials against the frontier and says whether the lead is noise
+    assert [p["budget"] for p in summary["frontier"]] == [0.5, 1.0]
+    assert summary["scratch"]["eval_loss_se"] > 0 and summary["best"][0]["eval_loss_se"] > 0
+    assert (
+        "evaluation noise" in summary["note"]
+        and summary["note"] in (out / "summary.txt").read_text()
+    )
+
+    # the finished trial was re-run with 2 fresh seeds; the best follows the confirmed ranking
+    (confirmed,) = summary["confirmed"]
+    assert confirmed["trial"] == ok["trial"] and confirmed["seeds"] == [1, 2]
+    assert confirmed["speedup"]["n"] == 2 and confirmed["speedup"]["low"] is not None
+    assert summary["best"][0]["trial"] == confirmed["trial"]
+    text = (out / "summary.txt").read_text()
+    assert "confirmed with fresh seeds" in text and f"confirmed best trial {ok['trial']}" in text
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_has(ray_cluster, tmp_path, gpt_data):
+    path = tiny_study(tmp_path, gpt_data)
+    data = yaml.safe_load(path.read_text())
+    data["base"]["resources"]["workers"] = 64
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(
+        ConfigError,
+        match=r"base\.resources: a trial needs 64\.1 CPU \(64 workers and its driver\) but the Ray "
+        r"cluster has \d+, and no autoscaler",
+    ):
+        check_resources(load_study(path))
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_redoing_trials(tiny_search):
+    # the shared search was interrupted (Ctrl-C) once its first trial had finished, and resumed
+    out = tiny_search / "tiny"
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["trials"]) == 3 and len(summary["confirmed"]) == 1
+    # that trial's process was killed after step 7 (--kill-at-step): it was the only one to get
+    # that far (the others diverged at step 1), and Tune's retry resumed from step 6's checkpoint
+    (run_dir,) = [p.parent for p in (out / "trials").glob(f"*/{FAULT_MARKER}")]
+    assert run_dir.name in {t["trial"] for t in summary["trials"] if t["status"] == "ok"}
+    resumes = (run_dir / "resumes.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in resumes] == [6]  # the stage boundary's checkpoint
+    assert [r["step"] for r in metrics_rows(run_dir) if "loss" in r] == list(range(1, 13))
+    # Ctrl-C stopped the study there: no summary, confirmation or registered model of a search
+    # half done, and the way to go on
+    log = (tiny_search.parent / "interrupted.log").read_text()
+    assert log.endswith("exit status 130\n"), log
+    assert f"python -m apollo_ray.tune {tiny_search.parent / 'tiny.yaml'} --resume" in log
+    assert "re-run" not in log and "registered" not in log and "summary:" not in log, log
+    assert "Tuner.restore" not in log  # Tune's own advice, for its API, is not ours
+    # the resumed study did not train it again
+    resumed_at = float((tiny_search.parent / "resumed_at").read_text())
+    assert (run_dir / "metrics.jsonl").stat().st_mtime < resumed_at

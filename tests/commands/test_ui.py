@@ -1,0 +1,79 @@
+"""The MLflow UI over a real small search's store (`apollo_ray.ui`'s local server), in headless
+Chromium: the runs table, the eval-loss charts and a trial's page, with screenshots."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import search_runs
+
+from apollo_ray.records.mlflow_server import LocalServer
+from apollo_ray.records.tracking import KIND
+
+SCREENSHOTS = Path(
+    os.environ.get("APOLLO_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")
+)
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_trials(tiny_search):
+    """The MLflow UI on loopback over the search's store, in headless Chromium."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium and chromium-driver (see .ci/run)")
+        pytest.skip("needs Debian's chromium and chromium-driver (see README, Tests)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, exp, runs = search_runs(tiny_search)
+    trials = sorted(r.info.run_name for r in runs if r.data.tags[KIND] == "trial")
+    ok = next(r for r in runs if r.data.tags[KIND] == "trial" and r.info.status == "FINISHED")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1600,1000",
+    ):
+        options.add_argument(flag)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with LocalServer(tiny_search) as server:
+        driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+        wait = WebDriverWait(driver, 90)
+        text = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        try:
+            page = f"{server.uri}/#/experiments/{exp.experiment_id}"
+            driver.get(f"{page}/runs?workflowType=machine_learning")
+            expand = "button[data-component-id$='runnamecellrenderer.tsx_46']"  # the study row's +
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, expand))
+            for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+                close.click()  # the assistant side panel
+            driver.find_element(By.CSS_SELECTOR, expand).click()
+            names = "[col-id='attributes.`Run Name`'][role=gridcell] a"
+            shown = lambda: {a.text for a in driver.find_elements(By.CSS_SELECTOR, names)}  # noqa: E731
+            wait.until(lambda d: {"tiny", "baseline", *trials} <= shown())
+            driver.save_screenshot(str(SCREENSHOTS / "mlflow-runs.png"))
+
+            chart_view = driver.find_element(By.CSS_SELECTOR, "input[value=CHART]")
+            driver.execute_script("arguments[0].click()", chart_view)
+            search = "input[placeholder='Search metric charts']"
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, search))
+            driver.find_element(By.CSS_SELECTOR, search).send_keys("eval_loss")
+            wait.until(lambda d: f"{ok.info.run_name} (eval_loss)" in text() and "Step" in text())
+            driver.save_screenshot(str(SCREENSHOTS / "mlflow-eval-loss-charts.png"))
+
+            driver.get(f"{page}/runs/{ok.info.run_id}?workflowType=machine_learning")
+            wait.until(lambda d: "final_eval_loss" in text() and "speedup" in text())
+            driver.save_screenshot(str(SCREENSHOTS / "mlflow-trial.png"))
+        finally:
+            driver.quit()

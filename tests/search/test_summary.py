@@ -1,0 +1,114 @@
+"""The study's summary: the ranking against the frontier, the Pareto front of (eval loss,
+FLOPs) for a multi-objective search, and the note on evaluation noise."""
+
+from types import SimpleNamespace
+
+from conftest import EXAMPLE_STUDY
+
+from apollo_ray.search.summary import (
+    confirmation,
+    confirmed_note,
+    format_confirmed,
+    noise_note,
+    pareto_front,
+    ranking,
+    trial_rows,
+)
+from apollo_ray.search.tuner import confirm_runs
+from apollo_ray.study.schema import StudyConfig
+
+
+def test_pareto_front():
+    rows = [
+        {"eval_loss": 3.0, "flops": 10},
+        {"eval_loss": 2.0, "flops": 20},
+        {"eval_loss": 3.5, "flops": 15},
+        {"eval_loss": 1.0, "flops": 40},
+    ]
+    assert [r["flops"] for r in pareto_front(rows)] == [10, 20, 40]
+
+
+def test_ranking_against_the_frontier():
+    rows = [
+        {"trial": "a", "bound": None, "eval_loss": 3.0, "flops": 10, "speedup": 1.2},
+        {"trial": "b", "bound": "lower", "eval_loss": 2.5, "flops": 30, "speedup": 1.0},
+        {"trial": "c", "bound": None, "eval_loss": 3.1, "flops": 10, "speedup": 1.5},
+        {"trial": "d", "bound": "upper", "eval_loss": 4.0, "flops": 10, "speedup": 0.3},
+        {"trial": "e", "bound": "lower", "eval_loss": 2.4, "flops": 40, "speedup": 0.9},
+    ]
+    by_speedup = [r["trial"] for r in sorted(rows, key=ranking("speedup"))]
+    assert by_speedup == ["e", "b", "c", "a", "d"]  # beyond the frontier first, by loss
+    assert sorted(rows, key=ranking("flops_saving")) == sorted(rows, key=ranking("speedup"))
+    assert min(rows, key=ranking("eval_loss"))["trial"] == "e"
+
+
+def test_noise_note_says_when_the_lead_is_inside_the_noise():
+    scratch = {"eval_loss": 3.00, "eval_loss_se": 0.02}
+    near = noise_note({"trial": "t1", "eval_loss": 2.98, "eval_loss_se": 0.02}, scratch)
+    assert "inside the evaluation noise" in near and "t1" in near and "seed" in near
+    far = noise_note({"trial": "t2", "eval_loss": 2.80, "eval_loss_se": 0.02}, scratch)
+    assert "outside the evaluation noise" in far
+    unknown = noise_note({"trial": "t3", "eval_loss": 2.8, "eval_loss_se": None}, scratch)
+    assert "no standard error" in unknown
+
+
+class FakeResult:
+    """What `confirmation` reads of a Tune result."""
+
+    def __init__(self, run: int, speedup: float | None, loss: float = 3.0) -> None:
+        self.config = {"run": run}
+        self.error = None if speedup is not None else RuntimeError("loss is nan")
+        self.metrics = {} if speedup is None else {"speedup": speedup, "eval_loss": loss}
+
+
+def test_confirmation_ranks_on_the_means_over_fresh_seeds():
+    study = StudyConfig.model_validate(
+        {**EXAMPLE_STUDY, "search": {**EXAMPLE_STUDY["search"], "confirm": {"top_k": 2}}}
+    )
+    best = [{"trial": "a", "params": {"train.lr": 1e-3}}, {"trial": "b", "params": {}}]
+    runs = confirm_runs(study, best)
+    assert [(r["trial"], r["seed"]) for r in runs] == [
+        ("a", 1),
+        ("a", 2),
+        ("a", 3),
+        ("b", 1),
+        ("b", 2),
+        ("b", 3),
+    ]
+    # "a" won the search, but over fresh seeds "b" is consistently faster
+    speedups = [1.05, 0.95, 1.0, 1.3, 1.2, 1.25]
+    grid = [FakeResult(i, s) for i, s in enumerate(speedups)]
+    confirmed = confirmation(study, runs, grid)
+    assert [e["trial"] for e in confirmed] == ["b", "a"]
+    assert confirmed[0]["seeds"] == [1, 2, 3] and confirmed[0]["speedup"]["n"] == 3
+    note = confirmed_note(confirmed)
+    assert "confirmed best trial b" in note and "paired by seed" in note
+    assert "ratio to a" in note and "differs from 1" in note
+    assert "evaluation noise, +-0.0588 at 95%" in confirmed_note(confirmed, scratch_se=0.03)
+    # a seed that failed is left out of the mean and said
+    grid[4] = FakeResult(4, None)
+    confirmed = confirmation(study, runs, grid)
+    (b,) = [e for e in confirmed if e["trial"] == "b"]
+    assert b["seeds"] == [1, 3] and b["failed_seeds"] == [2]
+    assert "failed" not in format_confirmed(confirmed)
+
+
+def test_each_trial_says_how_it_ended():
+    study = StudyConfig.model_validate(EXAMPLE_STUDY)
+    why = "loss is nan (gradient norm nan) at step 1; the last checkpoint and ... in /t/b2"
+    ended = {
+        "a1": ({"speedup": 1.2, "flops_saving": 0.1, "eval_loss": 3.0}, None),
+        "b2": ({"diverged": why}, None),  # its last report: the trial ended, not retried
+        "c3": ({"step": 30, "eval_loss": 4.0}, None),  # stopped by ASHA
+        "d4": ({"step": 10}, RuntimeError("Traceback ...\nActorDiedError: worker died")),
+    }
+    grid = [
+        SimpleNamespace(metrics={"trial_id": t, **m}, error=e, config={}, path=f"/t/{t}")
+        for t, (m, e) in ended.items()
+    ]
+    assert {r["trial"]: r["status"] for r in trial_rows(study, grid)} == {
+        "a1": "ok",
+        "b2": f"diverged: {why}",
+        "c3": "stopped early",
+        "d4": "failed: ActorDiedError: worker died",
+    }
