@@ -154,7 +154,7 @@ def train(
 ) -> dict[str, Any]:
     """Train `cfg` here or on Ray, mirrored to `target`; the last metrics."""
     if on_ray:
-        from apollo_ray import distributed  # imports Ray: only when asked for
+        from apollo_ray.launch import distributed  # imports Ray: only when asked for
 
         return distributed.run(cfg, args.address, faults or None, tracking=target).metrics
     from apollo_ray.records.mirror import RunMirror
