@@ -68,7 +68,7 @@ postgres:
 	    $(SUDO) apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "postgresql not installed: the MLflow-on-PostgreSQL test will be skipped"
 
-# rsync, for the dry run of the cluster files' filters (tests/test_cluster_commands.py)
+# rsync, for the dry run of the cluster files' filters (tests/launch/test_cluster_commands.py)
 rsync:
 	@command -v rsync >/dev/null || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \

@@ -74,7 +74,7 @@ class Preset:
     n_head: int
     seq_len: int
     micro_batch: int
-    lr: dict[str, float]  # by kind: AdamW's peak, chosen for scratch (README, "Measured so far")
+    lr: dict[str, float]  # by kind: AdamW's peak, chosen for scratch (docs/results.md)
     tokens_per_param: float
     frontier: tuple[float, ...]
     small_budget: float

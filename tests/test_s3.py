@@ -1,7 +1,7 @@
 """Object storage over the real S3 protocol: a local S3 server (moto's, on 127.0.0.1) that
 pyarrow talks to as it would to AWS. Prepared shards are read from it, and a Ray Train run's
 checkpoint storage there is found, resumed from and pruned. The `s3` fixture is in conftest.py;
-tests/test_multinode.py runs a whole search with its checkpoints and data there."""
+tests/launch/test_multinode.py runs a whole search with its checkpoints and data there."""
 
 import json
 

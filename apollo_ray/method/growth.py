@@ -5,7 +5,7 @@ Every operator is a linear map given by `coefficients(n_old, n_new)`: for each n
 {old index i: weight w_i} meaning new_j = sum_i w_i * old_i, or None for a freshly initialised
 layer. One shared mechanism, `grow`, applies the rows to the weights (plus optional noise) and,
 with the `copy` optimizer-state policy, to the AdamW moments, so each operator is a few lines
-and all of them run through one conformance suite (tests/test_growth.py).
+and all of them run through one conformance suite (tests/method/test_growth.py).
 
 AdamW moments of the grown layers (`optimizer_state`):
 - `slot`, the release's behaviour: its model holds L layer slots and a growth copies weights

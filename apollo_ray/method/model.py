@@ -15,9 +15,9 @@ every layer of the bank (the layer is an argument, so any plan, depth or grown b
 same graph), and the head with its loss.
 
 `flops_per_microbatch` counts the FLOPs of one pass by arithmetic, the way
-`torch.utils.flop_counter.FlopCounterMode` counts them (checked in tests/test_flops.py).
+`torch.utils.flop_counter.FlopCounterMode` counts them (checked in tests/method/test_flops.py).
 
-Plain PyTorch: imports torch and the config only. Tests: `pytest tests/test_model.py`.
+Plain PyTorch: imports torch and the config only. Tests: `pytest tests/method/test_model.py`.
 """
 
 from __future__ import annotations

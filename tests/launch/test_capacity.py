@@ -1,7 +1,7 @@
 """What a cluster can hold, now and grown by its autoscaler (`apollo_ray.launch.capacity`): a study
 on an autoscaling cluster that starts with the head alone is not refused for lack of GPUs, and a
 trial that no growth can hold is refused naming the node types. (On a real local Ray, which
-has no autoscaler: tests/test_tune.py.)"""
+has no autoscaler: tests/commands/test_tune.py.)"""
 
 from apollo_ray.launch.capacity import fits_now, from_config, shortfall, workers_that_fit
 

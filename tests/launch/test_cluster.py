@@ -2,7 +2,7 @@
 run) and keep the promises of cluster/README.md: our pinned Ray image, loopback-only services,
 GPU container options on GPU nodes only, Ray's token authentication, a tracking database that
 outlives the cluster, and workers with credentials of their own that reach the bucket only
-(cluster/iam/). tests/test_cluster_commands.py runs their commands and rsync filters."""
+(cluster/iam/). tests/launch/test_cluster_commands.py runs their commands and rsync filters."""
 
 import copy
 import json

@@ -2,7 +2,7 @@
 
 On CPU the default SDPA kernel (`_scaled_dot_product_flash_attention_for_cpu`) has no flop
 formula, so FlopCounterMode would count attention as 0; the MATH backend runs attention as
-plain bmm's, which it counts (2 forward, 4 backward). Run: `pytest tests/test_flops.py`.
+plain bmm's, which it counts (2 forward, 4 backward). Run: `pytest tests/method/test_flops.py`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tests for apollo_ray.method.model: shapes, loss masking, layer plans, attention direction, init.
 
-Run: `pytest tests/test_model.py` (tiny CPU configs, a few seconds).
+Run: `pytest tests/method/test_model.py` (tiny CPU configs, a few seconds).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from apollo_ray.search.progress import TrialProgress, calm_driver, duration, las
 
 TRACEBACK = """Failure # 1 (occurred at 2026-12-02_03-42-04)
 ray::ImplicitFunc.train() (pid=3052, ip=192.0.2.2)
-  File "/work/main/apollo_ray/distributed.py", line 196, in check_finished
+  File "/work/main/apollo_ray/launch/distributed.py", line 196, in check_finished
     raise NonFiniteLossError(marker.read_text().strip())
 apollo_ray.training.runlog.NonFiniteLossError: loss is nan (gradient norm nan) at step 1
 """

@@ -1,6 +1,6 @@
 """Parity of exported weights against Hugging Face transformers, and the export CLI.
 
-Run: `pytest tests/test_export.py` (needs the dev extra: transformers).
+Run: `pytest tests/training/test_export.py` (needs the dev extra: transformers).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Acceleration metrics on hand-made curves whose answers are worked out in the comments, and the
-loss-vs-FLOPs figure. Run: `pytest tests/test_acceleration.py`.
+loss-vs-FLOPs figure. Run: `pytest tests/yardstick/test_acceleration.py`.
 
 The baseline throughout: eval every 100 FLOPs up to 1000, loss = 12 - flops / 100 (12 .. 2, so
 the target is 2), 10 FLOPs per second (100 s in all).
