@@ -2,8 +2,8 @@
 worker killed mid-run that resumes and finishes exactly like the uninterrupted run, its MLflow
 record holding every row exactly once. (That two
 workers train like one accumulating two micro-batches is tested on two gloo processes without
-Ray, tests/training/test_ddp.py; that one Ray Train worker computes the same floats as the in-process
-path, tests/launch/test_solo.py.)"""
+Ray, tests/training/test_ddp.py; that one Ray Train worker computes the same floats as the
+in-process path, tests/launch/test_solo.py.)"""
 
 import pytest
 from conftest import checkpoint_names, mlflow_target, records, stage_checkpoints, timeless, tiny_run

@@ -2,8 +2,8 @@
 the stage-wise checkpoints, each row exactly once across a crash and resume, a partial upload
 and two processes uploading at once, the checkpoint a dying process saved, the checkpoint
 policy, an unreachable server (nothing lost, `sync` uploads it later) and the relay through the
-head node. (A killed Ray Train worker and a killed one-worker trial: tests/launch/test_distributed.py
-and tests/launch/test_solo.py.)"""
+head node. (A killed Ray Train worker and a killed one-worker trial:
+tests/launch/test_distributed.py and tests/launch/test_solo.py.)"""
 
 import json
 from pathlib import Path
@@ -198,8 +198,8 @@ def test_unreachable_server_loses_nothing(tmp_path, gpt_data):
 @pytest.mark.slow  # Ray and an MLflow server
 def test_head_relay_uploads_from_the_head_node(ray_cluster, tmp_path, gpt_data):
     # rank 0 on a GPU node cannot reach the head's 127.0.0.1 server: it mirrors through an
-    # actor on the head node (here the only node; tests/launch/test_multinode.py has rank 0 on another
-    # node), over Ray, with the same results
+    # actor on the head node (here the only node; tests/launch/test_multinode.py has rank 0 on
+    # another node), over Ray, with the same results
     from apollo_ray.launch.distributed import HeadRelay
 
     port, store = free_port(), tmp_path / "store"
