@@ -97,6 +97,7 @@ def prepare_data(study: StudyConfig) -> bool:
         study.base.model.kind,
         vocab_size=p.vocab_size,
         val_fraction=p.val_fraction,
+        test_fraction=p.test_fraction,
         doc_sep=p.doc_sep,
         text_column=p.text_column,
         split=p.split,

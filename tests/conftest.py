@@ -2,7 +2,8 @@
 study every training test starts from.
 
 `bert_data` and `gpt_data` are directories written by `prepare` from the first 30 documents of
-the embedded `demo` corpus with a 2000-token vocabulary (a few seconds each). `tiny_run` is a
+the embedded `demo` corpus with a 2000-token vocabulary, a tenth of them for validation and a
+tenth for test (a few seconds each). `tiny_run` is a
 4-layer, 32-wide model trained 12 steps in 3 stages; tests change what they need with keyword
 overrides, so each says how its run differs from the tiny one.
 """
@@ -86,7 +87,9 @@ def tiny_run(
 
 def _prepare_demo(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Path:
     out = tmp_path_factory.mktemp(f"{kind}_data")
-    prepare(["demo"], out, kind, vocab_size=2000, max_documents=30, val_fraction=0.1)
+    prepare(
+        ["demo"], out, kind, vocab_size=2000, max_documents=30, val_fraction=0.1, test_fraction=0.1
+    )
     return out
 
 

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             text_column=args.text_column,
             split=args.split,
             val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
             shard_tokens=args.shard_tokens,
             seed=args.seed,
             max_documents=args.max_documents,
@@ -102,9 +103,14 @@ def _parser() -> argparse.ArgumentParser:
         "--text-column": (str, "NAME", "the column (jsonl: field) that holds the text"),
         "--split": (str, "NAME", "split to read from a datasets directory or hub: source"),
         "--val-fraction": (float, "F", "fraction of the documents held out for validation"),
+        "--test-fraction": (
+            float,
+            "F",
+            "fraction of the documents held out for the final test (0: no test split)",
+        ),
         "--shard-tokens": (int, "N", "tokens per shard file"),
         "--max-documents": (int, "N", "read at most this many documents, all sources together"),
-        "--seed": (int, "N", "seed that picks the validation documents"),
+        "--seed": (int, "N", "seed that picks the validation and test documents"),
     }
     for flag, (kind, metavar, text) in options.items():
         default = DEFAULTS[flag.removeprefix("--").replace("-", "_")]

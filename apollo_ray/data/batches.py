@@ -19,6 +19,9 @@ they do not depend on the worker layout either. `labels` is -100 where there is 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -47,6 +50,8 @@ class Batches:
         self._special = np.array(special)
         self._ordinary = np.setdiff1d(np.arange(self.vocab_size), self._special)
         self._epoch, self._order = -1, np.arange(0)
+        # held-out masks are the same for every run, whatever its seed: runs compare on them
+        self._mask_seed = seed if split == "train" else 0
 
     @property
     def vocab_size(self) -> int:
@@ -83,8 +88,24 @@ class Batches:
 
     def samples(self, first: int, count: int) -> dict[str, torch.Tensor]:
         """`input_ids` and `labels`, both (count, seq_len) int64, of global samples `first`,
-        ..., `first + count - 1` (of the validation split: its sequences in order)."""
-        samples = range(first, first + count)
+        ..., `first + count - 1` (of a held-out split: its sequences in order)."""
+        return self.take(range(first, first + count))
+
+    def spread(self, count: int) -> list[int]:
+        """`count` sample indices spread over the whole split, the same for every run of this
+        data and sequence length: one drawn (seed 0) from each of `count` equal strata of the
+        sequences, so every part of the split, and so every document, is read in proportion.
+        With fewer sequences than `count`, each sequence once and then again."""
+        n = self.n_sequences
+        if count >= n:
+            return list(range(count))
+        edges = [i * n // count for i in range(count + 1)]  # strata of 1 or more sequences
+        rng = np.random.default_rng(0)
+        return [int(lo + rng.integers(hi - lo)) for lo, hi in itertools.pairwise(edges)]
+
+    def take(self, samples: Sequence[int]) -> dict[str, torch.Tensor]:
+        """`input_ids` and `labels`, both (len(samples), seq_len) int64, of these global
+        sample indices."""
         windows = np.stack([self._window(self._sequence(g)) for g in samples]).astype(np.int64)
         if self.kind == "gpt":
             input_ids, labels = windows[:, :-1], windows[:, 1:]
@@ -98,7 +119,7 @@ class Batches:
     def _sequence(self, g: int) -> int:
         """Which sequence global sample `g` reads."""
         epoch, i = divmod(g, self.n_sequences)
-        if self.split == "val":
+        if self.split != "train":  # held-out splits: their sequences in order
             return i
         if epoch != self._epoch:
             rng = np.random.default_rng([self.seed, epoch])
@@ -110,14 +131,14 @@ class Batches:
         start = (sequence - int(self._first[shard])) * self._stride
         return self._shards[shard][start : start + self._span]
 
-    def _mask(self, windows: np.ndarray, samples: range) -> tuple[np.ndarray, np.ndarray]:
+    def _mask(self, windows: np.ndarray, samples: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Prefix `[CLS]` and mask: returns (input_ids, labels), each (B, T)."""
         ids = self.manifest.special_ids
         input_ids = np.concatenate([np.full((len(windows), 1), ids["cls"]), windows], axis=1)
         labels = np.full_like(input_ids, IGNORE_INDEX)
         maskable = ~np.isin(input_ids, self._special)
         for b, g in enumerate(samples):
-            rng = np.random.default_rng([self.seed, g])
+            rng = np.random.default_rng([self._mask_seed, g])
             chosen = maskable[b] & (rng.random(input_ids.shape[1]) < self.config.mlm_probability)
             if not chosen.any() and maskable[b].any():  # every sample gets a target
                 chosen[rng.choice(np.flatnonzero(maskable[b]))] = True

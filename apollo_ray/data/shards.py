@@ -1,15 +1,17 @@
 """Prepared data on disk: tokenize sources into Arrow shards with a manifest, and read them back.
 
-`prepare` (what `python -m apollo_ray.data prepare` runs) makes two passes over the corpus:
-the first trains the tokenizer (or, with a given tokenizer, only counts documents), the second
-encodes. Each split (`train`, `val`) is one token stream, documents concatenated with a
-separator after each (`[SEP]` for bert, `<|endoftext|>` for gpt), cut into Arrow IPC files of
-`shard_tokens` tokens:
+`prepare` (what `python -m apollo_ray.data prepare` runs) makes two passes over the corpus: the
+first trains the tokenizer (or, with a given tokenizer, only counts documents), the second
+encodes. Documents are assigned to the splits by a seeded hash of their index: `val` (what
+training evaluates on and a search selects on), `test` (read once at the end, for the numbers a
+person reads; nothing is selected on it) and `train`. Each split is one token stream, documents
+concatenated with a separator after each (`[SEP]` for bert, `<|endoftext|>` for gpt), cut into
+Arrow IPC files of `shard_tokens` tokens:
 
     out_dir/
       tokenizer.json
       train-00000.arrow, train-00001.arrow, ...   one uint16/uint32 column `tokens`,
-      val-00000.arrow                             one contiguous record batch per file
+      val-00000.arrow, test-00000.arrow           one contiguous record batch per file
       manifest.json                               written last: its presence means complete
 
 Readers memory-map local shards (zero-copy, read-only numpy views) and load shards behind a
@@ -45,19 +47,20 @@ __all__ = [
     "ShardInfo",
     "SplitInfo",
     "check_data",
+    "document_splits",
     "load_manifest",
     "open_split",
     "prepare",
     "sequences",
-    "val_documents",
     "window",
 ]
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-Split = Literal["train", "val"]
+SPLITS = ("train", "val", "test")
+Split = Literal["train", "val", "test"]
+TRAIN, VAL, TEST = range(3)  # a document's split, as `document_splits` gives it
 MIN_SEQ_LEN = DataConfig.model_fields["seq_len"].metadata[0].ge
 ENCODE_BATCH = 512  # documents per `encode_batch` call (it encodes in parallel)
 
@@ -98,10 +101,11 @@ class Manifest(BaseModel):
     vocab_size: int
     special_ids: dict[str, int]
     dtype: Literal["uint16", "uint32"]
-    splits: dict[Literal["train", "val"], SplitInfo]
+    splits: dict[Split, SplitInfo]  # `test` only when test_fraction > 0
     sources: list[str]
     seed: int
     val_fraction: float
+    test_fraction: float = 0.0  # data prepared before the test split had none
 
 
 def prepare(
@@ -114,6 +118,7 @@ def prepare(
     text_column: str = "text",
     split: str = "train",
     val_fraction: float = 0.01,
+    test_fraction: float = 0.01,
     shard_tokens: int = 16_000_000,
     seed: int = 0,
     max_documents: int | None = None,
@@ -123,10 +128,11 @@ def prepare(
     """Tokenize `sources` into `out_dir` and return the manifest written there.
 
     `tokenizer` is a `tokenizer.json` to use as is; without it one is trained (`vocab_size`).
-    About `val_fraction` of the documents, chosen by a hash of (seed, document index), form the
-    val split (at least one when there are two or more documents). `doc_sep` says how `.txt`
-    files split into documents (see `resolve_source`). A val split that would be empty is
-    refused before anything is written.
+    About `val_fraction` and `test_fraction` of the documents, chosen by a hash of (seed,
+    document index), form the val and test splits (`document_splits`; with `test_fraction` 0
+    there is no test split). `doc_sep` says how `.txt` files split into documents (see
+    `resolve_source`). A val or test split that would be empty is refused before anything is
+    written.
     """
     if not sources:
         raise DataError("no sources given")
@@ -134,6 +140,11 @@ def prepare(
         raise DataError(
             f"val_fraction must be in (0, 1), got {val_fraction}: training evaluates on the "
             "val split"
+        )
+    if not 0.0 <= test_fraction < 1.0 - val_fraction:
+        raise DataError(
+            f"test_fraction must be in [0, 1 - val_fraction), got {test_fraction} with "
+            f"val_fraction {val_fraction}: train keeps the rest"
         )
     if shard_tokens < 1 or vocab_size < 8 or (max_documents is not None and max_documents < 1):
         raise DataError("shard_tokens and max_documents must be >= 1 and vocab_size >= 8")
@@ -152,8 +163,8 @@ def prepare(
         n_docs = counter.count
     if n_docs == 0:
         raise DataError(f"no non-empty document in {list(sources)}")
-    is_val = val_documents(n_docs, seed, val_fraction)
-    if not is_val.any():
+    split_of = document_splits(n_docs, seed, val_fraction, test_fraction)
+    if not (split_of == VAL).any():
         hint = (
             " (a .txt file without blank lines reads as one document: pass --doc-sep line to "
             "read one document per line)"
@@ -165,9 +176,16 @@ def prepare(
             f"{', '.join(sources)}{hint}; --val-fraction {val_fraction} needs at least 2 "
             "documents, one for train and one for validation"
         )
+    if test_fraction > 0 and not (split_of == TEST).any():
+        raise DataError(
+            f"the test split would be empty: only {n_docs} documents were read from "
+            f"{', '.join(sources)}; --test-fraction {test_fraction} needs at least 3 documents "
+            "(one each for train, validation and test), or pass --test-fraction 0"
+        )
     _clear(out)
     tok.save(str(out / TOKENIZER))
-    splits = _write_splits(resolved, out, tok, kind, is_val, shard_tokens, max_documents)
+    names = SPLITS if test_fraction > 0 else SPLITS[:2]
+    splits = _write_splits(resolved, out, tok, kind, split_of, names, shard_tokens, max_documents)
     manifest = Manifest(
         kind=kind,
         vocab_size=tok.get_vocab_size(),
@@ -177,20 +195,31 @@ def prepare(
         sources=list(sources),
         seed=seed,
         val_fraction=val_fraction,
+        test_fraction=test_fraction,
     )
     _write_atomically(out / MANIFEST, manifest.model_dump_json(indent=2))
     return manifest
 
 
-def val_documents(n: int, seed: int, val_fraction: float) -> np.ndarray:
-    """Boolean mask over document indices 0..n-1: True where the document belongs to val."""
+def document_splits(
+    n: int, seed: int, val_fraction: float, test_fraction: float = 0.0
+) -> np.ndarray:
+    """The split of each document 0..n-1 (`TRAIN`, `VAL` or `TEST`), from one uniform draw per
+    document (a hash of seed and index): below `val_fraction` val, then up to `val_fraction +
+    test_fraction` test, the rest train. Each split asked for gets at least one document when
+    there are enough (val from 2 documents, test from 3), and train always keeps one. A test
+    split is carved out of what would be train: the val documents do not depend on it."""
     u = _uniform(np.arange(n, dtype=np.uint64), seed)
-    is_val = u < val_fraction
-    if val_fraction > 0 and n >= 2 and not is_val.any():
-        is_val[np.argmin(u)] = True
-    if n and is_val.all():  # train keeps at least one document
-        is_val[np.argmax(u)] = False
-    return is_val
+    split = np.full(n, TRAIN, dtype=np.int8)
+    split[u < val_fraction] = VAL
+    if val_fraction > 0 and n >= 2 and not (split == VAL).any():
+        split[np.argmin(u)] = VAL
+    split[(split == TRAIN) & (u < val_fraction + test_fraction)] = TEST
+    if test_fraction > 0 and n >= 3 and not (split == TEST).any():
+        split[np.argmin(np.where(split == TRAIN, u, np.inf))] = TEST
+    if n and not (split == TRAIN).any():  # train keeps at least one document
+        split[np.argmax(u)] = TRAIN
+    return split
 
 
 def _uniform(index: np.ndarray, seed: int) -> np.ndarray:
@@ -234,7 +263,8 @@ def _clear(out: Path) -> None:
     """Make `out` ready for writing: create it, or remove an earlier preparation's files."""
     out.mkdir(parents=True, exist_ok=True)
     # The manifest goes first, so a crash from here on never looks like a complete preparation.
-    for stale in [out / MANIFEST, *out.glob("train-*.arrow"), *out.glob("val-*.arrow")]:
+    shards = [shard for split in SPLITS for shard in out.glob(f"{split}-*.arrow")]
+    for stale in [out / MANIFEST, *shards]:
         stale.unlink(missing_ok=True)
 
 
@@ -243,22 +273,23 @@ def _write_splits(
     out: Path,
     tok: Tokenizer,
     kind: Kind,
-    is_val: np.ndarray,
+    split_of: np.ndarray,
+    names: tuple[Split, ...],
     shard_tokens: int,
     max_documents: int | None,
-) -> dict[Literal["train", "val"], SplitInfo]:
+) -> dict[Split, SplitInfo]:
     """Second pass: encode every document and append it (plus separator) to its split."""
     dtype = np.dtype(_dtype(tok.get_vocab_size()))
     separator = special_ids(tok, kind)[SEPARATOR[kind]]
-    writers = {name: _ShardWriter(out, name, shard_tokens) for name in SPLITS}
+    writers = {name: _ShardWriter(out, name, shard_tokens) for name in names}
     tok.encode_special_tokens = True  # "[SEP]" inside a text is text, not a separator
     documents = iter_documents(sources, max_documents)
-    bar = tqdm(desc="tokenizing", unit=" docs", total=len(is_val), disable=None)
+    bar = tqdm(desc="tokenizing", unit=" docs", total=len(split_of), disable=None)
     index = 0
     while batch := list(islice(documents, ENCODE_BATCH)):
         for encoding in tok.encode_batch(batch, add_special_tokens=False):
             ids = np.array([*encoding.ids, separator], dtype=dtype)
-            writers["val" if is_val[index] else "train"].append(ids)
+            writers[SPLITS[split_of[index]]].append(ids)
             index += 1
         bar.update(len(batch))
         bar.set_postfix(
@@ -330,7 +361,7 @@ def load_manifest(location: str | Path) -> Manifest:
 
 
 def open_split(
-    location: str | Path, split: Literal["train", "val"], manifest: Manifest | None = None
+    location: str | Path, split: Split, manifest: Manifest | None = None
 ) -> list[np.ndarray]:
     """The token stream of `split` as one read-only numpy array per shard.
 
@@ -362,7 +393,7 @@ def _open_shard(location: str | Path, name: str) -> pa.NativeFile:
 def check_data(
     config: DataConfig,
     kind: Kind,
-    splits: tuple[Split, ...] = SPLITS,
+    splits: tuple[Split, ...] = ("train", "val"),
     field: str = "data.path",
 ) -> Manifest:
     """The manifest of `config.path`, checked from its token counts (no shard is read): the data
@@ -378,6 +409,11 @@ def check_data(
             )
         span, stride = window(kind, config.seq_len)
         for split in splits:
+            if split not in manifest.splits:
+                raise DataError(
+                    f"{config.path} has no {split} split; prepare it again with "
+                    f"--test-fraction (e.g. 0.1)"
+                )
             shard_tokens = [shard.tokens for shard in manifest.splits[split].shards]
             if not sum(sequences(shard_tokens, span, stride)):
                 raise DataError(_too_short(config, kind, split, shard_tokens))
@@ -402,13 +438,14 @@ def _too_short(config: DataConfig, kind: Kind, split: Split, shard_tokens: list[
     span = window(kind, config.seq_len)[0]
     longest = max(shard_tokens, default=0)
     largest = longest + 1 if kind == "bert" else longest - 1  # the seq_len whose span fits
-    more = "prepare more data" + (" (or a larger --val-fraction)" if split == "val" else "")
+    larger = {"val": " (or a larger --val-fraction)", "test": " (or a larger --test-fraction)"}
+    more = "prepare more data" + larger.get(split, "")
     advice = (
         f"the largest seq_len that works is {largest}, or {more}"
         if largest >= MIN_SEQ_LEN
         else more
     )
-    reader = "evaluation" if split == "val" else "training"
+    reader = "training" if split == "train" else "evaluation"
     return (
         f"{config.path}: the {split} split has {sum(shard_tokens)} tokens (longest shard "
         f"{longest}) but {reader} needs at least {span} in one shard for one sequence of "

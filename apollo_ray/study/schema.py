@@ -58,6 +58,13 @@ class PrepareConfig(Strict):
     val_fraction: float = Field(
         0.01, gt=0.0, lt=1.0, description="fraction of the documents held out for validation"
     )
+    test_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the documents held out for the final test, read once at the end "
+        "for the reported numbers (0: no test split)",
+    )
     doc_sep: Literal["blank", "line"] = Field(
         "blank",
         description="what separates the documents of a .txt file: blank lines, or each line",

@@ -1,5 +1,13 @@
 """Held-out evaluation at full depth: a quick loss during training, and the final one that runs
-are compared by, read on the whole validation split with its standard error.
+are compared by, read on the whole validation split (and the test split) with its standard error.
+
+The quick loss reads one fixed sample of validation sequences spread over the whole split
+(`Batches.spread`: the same sequences, and for bert the same masks, for every run of the data
+and sequence length), so any two evaluations of any two runs compare: a scratch checkpoint
+mid-run against the frontier, a trial against scratch at equal compute. The final evaluation
+reads that sample too (`eval_sample_loss`). Selection (the search's objective, the confirmation,
+the frontier's sweep) reads validation; the test split is read once, at the end, for the numbers
+a person reads (`test_loss`, ...).
 
 Both split the work over the data-parallel ranks and all-reduce sums, so every rank gets the
 same value whatever the number of workers. Loss is per predicted token (every position for
@@ -25,7 +33,8 @@ __all__ = ["Evaluator"]
 
 
 class Evaluator:
-    """Evaluates a model on the validation split `data` of run `cfg`."""
+    """Evaluates a model on the validation split `data` of run `cfg` (and at the end on its
+    test split `test`, when the data has one)."""
 
     def __init__(
         self,
@@ -35,19 +44,24 @@ class Evaluator:
         autocast: AbstractContextManager,
         rank: int = 0,
         world_size: int = 1,
+        test: Batches | None = None,
     ) -> None:
-        self.data, self.cfg, self.device, self.autocast = data, cfg, device, autocast
+        self.data, self.test, self.cfg = data, test, cfg
+        self.device, self.autocast = device, autocast
         self.rank, self.world_size = rank, world_size
+        train = cfg.train
+        self.sample = data.spread(train.eval_batches * train.micro_batch)
 
     @torch.no_grad()
     def loss(self, model: TransformerLM, plan: Sequence[int]) -> float:
-        """Mean loss over the first `train.eval_batches` validation micro-batches (a split with
-        fewer sequences is read again from its first one, so one sequence is enough)."""
+        """Mean loss over the fixed sample of `train.eval_batches` validation micro-batches
+        spread over the split (a split with fewer sequences is read again, so one sequence is
+        enough)."""
         model.eval()
-        train = self.cfg.train
+        size = self.cfg.train.micro_batch
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss * n, n)
-        for i in range(self.rank, train.eval_batches, self.world_size):
-            batch = self.data.batch(i, 0, micro_batch=train.micro_batch)
+        for i in range(self.rank, self.cfg.train.eval_batches, self.world_size):
+            batch = self.data.take(self.sample[i * size : (i + 1) * size])
             labels = batch["labels"].to(self.device)
             with self.autocast:
                 _, loss = model(batch["input_ids"].to(self.device), labels, plan=plan)
@@ -59,24 +73,34 @@ class Evaluator:
 
     @torch.no_grad()
     def final(self, model: TransformerLM, plan: Sequence[int]) -> dict[str, Any]:
-        """The final held-out loss, read on the whole validation split or on as many of its
-        sequences as give `train.final_eval_tokens` predicted tokens: `eval_loss`, its standard
-        error `eval_loss_se` (over sequences, as a ratio estimate; None for one sequence),
-        `eval_accuracy`, the fraction of predicted tokens whose most likely token is the label
-        (bert: masked-LM accuracy; gpt: next-token accuracy), and `eval_tokens`, the number of
-        predicted tokens read."""
+        """The final held-out losses: `eval_loss` with its standard error `eval_loss_se`,
+        `eval_accuracy` and `eval_tokens` on the validation split (`whole`), the same as
+        `test_*` on the test split when there is one, and `eval_sample_loss`, the quick loss's
+        sample read at the end."""
+        result = {f"eval_{k}": v for k, v in self.whole(self.data, model, plan).items()}
+        if self.test is not None:
+            result |= {f"test_{k}": v for k, v in self.whole(self.test, model, plan).items()}
+        return result | {"eval_sample_loss": self.loss(model, plan)}
+
+    @torch.no_grad()
+    def whole(self, data: Batches, model: TransformerLM, plan: Sequence[int]) -> dict[str, Any]:
+        """A held-out split read whole, or as many of its sequences as give
+        `train.final_eval_tokens` predicted tokens: `loss`, its standard error `loss_se` (over
+        sequences, as a ratio estimate; None for one sequence), `accuracy`, the fraction of
+        predicted tokens whose most likely token is the label (bert: masked-LM accuracy; gpt:
+        next-token accuracy), and `tokens`, the number of predicted tokens read."""
         model.eval()
-        train, data = self.cfg.train, self.cfg.data
+        train, config = self.cfg.train, self.cfg.data
         mlm = self.cfg.model.kind == "bert"
-        per_sequence = data.mlm_probability * (data.seq_len - 1) if mlm else data.seq_len
+        per_sequence = config.mlm_probability * (config.seq_len - 1) if mlm else config.seq_len
         wanted = math.ceil(1.1 * train.final_eval_tokens / per_sequence)  # MLM varies: +10%
-        count = min(self.data.n_sequences, wanted)
+        count = min(data.n_sequences, wanted)
         # per sequence i, l_i summed over its n_i predicted tokens: l, n, l^2, n^2, l n, 1, and
         # the predictions that are right
         sums = torch.zeros(7, dtype=torch.float64, device=self.device)
         step = self.world_size * train.micro_batch
         for first in range(self.rank * train.micro_batch, count, step):
-            batch = self.data.samples(first, min(train.micro_batch, count - first))
+            batch = data.samples(first, min(train.micro_batch, count - first))
             labels = batch["labels"].to(self.device)  # (B, T)
             with self.autocast:
                 logits, _ = model(batch["input_ids"].to(self.device), plan=plan)  # (B, T, V)
@@ -95,9 +119,4 @@ class Evaluator:
         if m > 1:  # the ratio estimator's variance: sum (l_i - mean n_i)^2 / (m (m-1) nbar^2)
             spread = max(l_sq - 2 * mean * l_n + mean**2 * n_sq, 0.0)
             se = math.sqrt(spread / (m * (m - 1))) / (n_sum / m)
-        return {
-            "eval_loss": mean,
-            "eval_loss_se": se,
-            "eval_accuracy": right / n_sum,
-            "eval_tokens": int(n_sum),
-        }
+        return {"loss": mean, "loss_se": se, "accuracy": right / n_sum, "tokens": int(n_sum)}

@@ -97,13 +97,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.state = TrainState()
         self.autocast = autocast_for(cfg.train.precision, self.device)
+        held_out = {
+            split: Batches(cfg.data, cfg.model.kind, split, cfg.seed)
+            for split in ("val", "test")
+            if split in self.train_data.manifest.splits
+        }
         self.evaluator = Evaluator(
-            Batches(cfg.data, cfg.model.kind, "val", cfg.seed),
-            cfg,
-            self.device,
-            self.autocast,
-            rank,
-            world_size,
+            held_out["val"], cfg, self.device, self.autocast, rank, world_size, held_out.get("test")
         )
         self.batches = DeviceBatches(self.train_data, cfg.train, self.device, rank, world_size)
         if world_size > 1:  # same init everywhere (above), then each rank its own dropout masks

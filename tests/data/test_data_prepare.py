@@ -13,9 +13,17 @@ import pyarrow.ipc
 import pytest
 from tokenizers import Tokenizer
 
-from apollo_ray.data import DataError, load_manifest, load_tokenizer, open_split, prepare
+from apollo_ray.config import DataConfig
+from apollo_ray.data import (
+    DataError,
+    check_data,
+    load_manifest,
+    load_tokenizer,
+    open_split,
+    prepare,
+)
 from apollo_ray.data.__main__ import main
-from apollo_ray.data.shards import val_documents
+from apollo_ray.data.shards import TEST, TRAIN, VAL, document_splits
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hex jolly zebras"
 
@@ -41,8 +49,9 @@ def test_manifest_matches_shards(kind: str, request: pytest.FixtureRequest) -> N
     tokenizer = Tokenizer.from_file(str(data / manifest.tokenizer))
     assert tokenizer.get_vocab_size() == manifest.vocab_size
     separator = manifest.special_ids["sep" if kind == "bert" else "eos"]
-    train, val = manifest.splits["train"], manifest.splits["val"]
-    assert train.documents + val.documents == 30 and val.documents >= 1
+    assert set(manifest.splits) == {"train", "val", "test"}
+    assert sum(split.documents for split in manifest.splits.values()) == 30
+    assert manifest.splits["val"].documents >= 1 and manifest.splits["test"].documents >= 1
     for name, split in manifest.splits.items():
         arrays = open_split(data, name)
         stream = np.concatenate(arrays)
@@ -97,7 +106,7 @@ def test_two_sources_shards_and_a_given_tokenizer(tmp_path: Path, bert_data: Pat
     assert 0 < train.shards[-1].tokens <= 500
     assert [s.file for s in train.shards[:2]] == ["train-00000.arrow", "train-00001.arrow"]
     assert manifest.vocab_size == load_manifest(bert_data).vocab_size
-    assert manifest.splits["train"].documents + manifest.splits["val"].documents == 42
+    assert sum(split.documents for split in manifest.splits.values()) == 42
     assert manifest.sources == [str(corpus), f"{tmp_path}/*.jsonl"]
 
 
@@ -112,6 +121,7 @@ def test_existing_preparation_needs_overwrite(tmp_path: Path) -> None:
     assert n_shards > 1 and len(manifest.splits["train"].shards) == 1
     assert sorted(p.name for p in out.iterdir()) == [
         "manifest.json",
+        "test-00000.arrow",
         "tokenizer.json",
         "train-00000.arrow",
         "val-00000.arrow",
@@ -127,14 +137,39 @@ def test_tokenizer_without_the_needed_special_tokens(tmp_path: Path, gpt_data: P
         load_tokenizer(tmp_path / "nope.json", "gpt")
 
 
-def test_val_hold_out_is_deterministic_and_never_empty() -> None:
-    mask = val_documents(100_000, seed=0, val_fraction=0.01)
-    assert 900 < mask.sum() < 1100
-    assert np.array_equal(mask, val_documents(100_000, seed=0, val_fraction=0.01))
-    assert not np.array_equal(mask, val_documents(100_000, seed=1, val_fraction=0.01))
-    assert [val_documents(n, 0, 0.01).sum() for n in (1, 2, 3)] == [0, 1, 1]
-    assert [val_documents(n, 0, 0.99).sum() for n in (1, 2)] == [0, 1]  # train keeps one
-    assert val_documents(50, 0, 0.0).sum() == 0
+def test_held_out_splits_are_deterministic_and_never_empty() -> None:
+    split = document_splits(100_000, seed=0, val_fraction=0.01, test_fraction=0.02)
+    assert 900 < (split == VAL).sum() < 1100 and 1800 < (split == TEST).sum() < 2200
+    assert np.array_equal(split, document_splits(100_000, 0, 0.01, 0.02))
+    assert not np.array_equal(split, document_splits(100_000, 1, 0.01, 0.02))
+    # the test split is carved out of train: the val documents do not depend on it
+    assert np.array_equal(split == VAL, document_splits(100_000, 0, 0.01) == VAL)
+
+    def counts(n: int, val: float, test: float = 0.0) -> list[int]:
+        split = document_splits(n, 0, val, test)
+        return [int((split == s).sum()) for s in (TRAIN, VAL, TEST)]
+
+    assert [counts(n, 0.01) for n in (1, 2, 3)] == [[1, 0, 0], [1, 1, 0], [2, 1, 0]]
+    assert [counts(n, 0.01, 0.01) for n in (2, 3, 4)] == [[1, 1, 0], [1, 1, 1], [2, 1, 1]]
+    assert [counts(n, 0.99) for n in (1, 2)] == [[1, 0, 0], [1, 1, 0]]  # train keeps one
+    assert counts(50, 0.0)[1:] == [0, 0]
+
+
+def test_the_test_split_is_written_and_read(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "out"
+    manifest = prepare(
+        [str(corpus)], out, "gpt", vocab_size=300, val_fraction=0.1, test_fraction=0.2
+    )
+    assert set(manifest.splits) == {"train", "val", "test"} and manifest.test_fraction == 0.2
+    assert sum(s.documents for s in manifest.splits.values()) == 40
+    assert (out / "test-00000.arrow").exists()
+    without = prepare([str(corpus)], out, "gpt", vocab_size=300, test_fraction=0.0, overwrite=True)
+    assert set(without.splits) == {"train", "val"} and not (out / "test-00000.arrow").exists()
+    with pytest.raises(DataError, match=r"data.path: .* has no test split; .*--test-fraction"):
+        check_data(DataConfig(path=str(out), seq_len=8), "gpt", ("test",))
+    with pytest.raises(DataError, match=r"test_fraction must be in \[0, 1 - val_fraction\)"):
+        prepare([str(corpus)], out, "gpt", val_fraction=0.5, test_fraction=0.5, overwrite=True)
 
 
 def test_cli_help_lists_every_option() -> None:
@@ -161,7 +196,7 @@ def test_cli_prepare_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "train" in capsys.readouterr().out
     manifest = load_manifest(out)
     assert manifest.seed == 3
-    assert manifest.splits["train"].documents + manifest.splits["val"].documents == 10
+    assert sum(split.documents for split in manifest.splits.values()) == 10
 
 
 def test_cli_errors_exit_2_without_traceback(
@@ -182,7 +217,7 @@ def test_doc_sep_line_reads_one_paragraph_per_line(
     argv = ["prepare", str(corpus), "--kind", "gpt", "--vocab-size", "300", "--val-fraction", "0.2"]
     assert main([*argv, "--out", str(out), "--doc-sep", "line"]) == 0
     manifest = load_manifest(out)
-    assert manifest.splits["train"].documents + manifest.splits["val"].documents == 20
+    assert sum(split.documents for split in manifest.splits.values()) == 20
     assert manifest.splits["val"].documents >= 1 and manifest.splits["val"].tokens > 0
     capsys.readouterr()
 

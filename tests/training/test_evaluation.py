@@ -81,3 +81,43 @@ def test_a_run_ends_with_the_final_evaluation(gpt_data, tmp_path):
     assert last["step"] == 4 and {"eval_loss", "eval_loss_se", "eval_tokens"} <= last.keys()
     assert last["eval_loss"] == trainer.state.eval_loss
     assert "eval_loss_se" not in rows[1]  # the quick evaluation during training has none
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert"])
+def test_the_quick_loss_reads_one_sample_spread_over_the_split(kind, gpt_data, bert_data, tmp_path):
+    data = gpt_data if kind == "gpt" else bert_data
+    cfg, val, model, evaluator = setup(data, tmp_path, kind, micro_batch=2, eval_batches=3)
+    sample = evaluator.sample
+    n = val.n_sequences
+    assert len(sample) == 6 < n and sorted(set(sample)) == sample
+    assert all(i * n // 6 <= s < (i + 1) * n // 6 for i, s in enumerate(sample))  # one a stratum
+    batch = val.take(sample)
+    with torch.no_grad():
+        _, loss = model(batch["input_ids"], batch["labels"], plan=[0, 1])
+    # the same sequences and masks for a run of another seed: any two runs' evaluations compare
+    other = Batches(cfg.data, kind, "val", seed=7)
+    assert other.spread(6) == sample
+    assert torch.equal(other.take(sample)["labels"], batch["labels"])
+    if kind == "bert":  # one mean over all masked tokens of the sample, micro-batch by micro-batch
+        parts = [val.take(sample[i : i + 2]) for i in (0, 2, 4)]
+        with torch.no_grad():
+            sums = [
+                (model(p["input_ids"], p["labels"], plan=[0, 1])[1] * (p["labels"] != -100).sum())
+                for p in parts
+            ]
+        count = sum(int((p["labels"] != -100).sum()) for p in parts)
+        assert evaluator.loss(model, [0, 1]) == pytest.approx(sum(sums).item() / count, rel=1e-6)
+    else:
+        assert evaluator.loss(model, [0, 1]) == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_the_final_row_holds_the_test_split_and_the_sample(gpt_data, tmp_path):
+    cfg = tiny_run(gpt_data, tmp_path / "run", schedule=None, train={"steps": 4, "eval_every": 2})
+    trainer = Trainer(cfg, "cpu", progress=False)
+    trainer.fit()
+    last = json.loads((cfg.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    test = Batches(cfg.data, "gpt", "test", cfg.seed)
+    assert last["test_tokens"] == test.n_sequences * cfg.data.seq_len
+    assert {"test_loss", "test_loss_se", "test_accuracy"} <= last.keys()
+    assert last["test_loss"] != last["eval_loss"]
+    assert last["eval_sample_loss"] == pytest.approx(trainer.evaluate(), rel=1e-12)
