@@ -106,7 +106,20 @@ class TrainConfig(Strict):
     lr: float = Field(1e-4, gt=0.0, description="peak learning rate")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="final LR as a fraction of peak")
     warmup: float = Field(0.025, ge=0.0, lt=1.0, description="warmup length, fraction of steps")
-    decay: Literal["cosine", "linear"] = Field("cosine", description="LR decay after warmup")
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="warmup length in steps, instead of `warmup` (one warmup for every budget, "
+        "as the WSD frontier's runs share)",
+    )
+    decay: Literal["cosine", "linear", "wsd"] = Field(
+        "cosine",
+        description="LR after warmup: cosine or linear decay over the rest of the run, or wsd "
+        "(warmup-stable-decay: constant, then linear over the last `decay_fraction`)",
+    )
+    decay_fraction: float = Field(
+        0.2, gt=0.0, le=1.0, description="wsd: the last fraction of the steps, decayed linearly"
+    )
     weight_decay: float = Field(
         0.01, ge=0.0, description="AdamW weight decay (not on norms/biases)"
     )
@@ -133,6 +146,16 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(500, ge=1, description="checkpoint every this many steps")
     keep_checkpoints: int = Field(2, ge=1, description="periodic checkpoints kept on disk")
     log_every: int = Field(10, ge=1, description="write train metrics every this many steps")
+    branch_steps: list[int] = Field(
+        [],
+        description="steps at which a checkpoint is kept for a shorter run to fork from (a WSD "
+        "trunk: each branch decays from its own step); changes nothing the run computes",
+    )
+    fork_from: str | None = Field(
+        None,
+        description="a branch checkpoint of a trunk (path or URI) this run starts from instead "
+        "of step 0: the same run but for its steps, with the same LR up to that step (checked)",
+    )
 
 
 class ScheduleConfig(Strict):

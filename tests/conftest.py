@@ -48,6 +48,7 @@ TINY: dict[str, Any] = {
         "eval_batches": 2,
         "checkpoint_every": 6,
         "log_every": 1,
+        "final_eval_tokens": 4000,  # ~140 sequences of each held-out split, not all of test
     },
     "schedule": {"depths": [1, 2, 4], "stage_ends": [0.25, 0.5]},  # growths at steps 3 and 6
 }

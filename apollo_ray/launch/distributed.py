@@ -33,8 +33,8 @@ from apollo_ray.records.mirror import RunMirror, Target, Uploader, head_local
 from apollo_ray.storage import absolute, join_uri
 from apollo_ray.training.checkpoints import CHECKPOINT_FILE, StorageStore, is_periodic
 from apollo_ray.training.faults import FaultInjection
-from apollo_ray.training.runlog import DIVERGED, METRICS
-from apollo_ray.training.trainer import NonFiniteLossError, Trainer
+from apollo_ray.training.runlog import DIVERGED, METRICS, NonFiniteLossError
+from apollo_ray.training.trainer import Trainer
 
 __all__ = [
     "HEAD_NODE",

@@ -22,8 +22,8 @@ from apollo_ray.records.mirror import Target
 from apollo_ray.storage import absolute, join_uri
 from apollo_ray.training.checkpoints import StorageStore
 from apollo_ray.training.faults import FaultInjection
-from apollo_ray.training.runlog import DIVERGED
-from apollo_ray.training.trainer import NonFiniteLossError, Trainer
+from apollo_ray.training.runlog import DIVERGED, NonFiniteLossError
+from apollo_ray.training.trainer import Trainer
 
 __all__ = ["applies", "run", "task_resources", "train"]
 

@@ -38,12 +38,13 @@ DONE_MARKER = "done.json"  # in a scratch run's folder once it trained to the en
 def baseline_key(cfg: RunConfig) -> str:
     """`<config hash>-<data hash>`: 12 hex digits of what determines the curve in the config
     (model, data, train, seed and the number of workers, i.e. the global batch; not name,
-    out_dir, schedule or max_failures), and 8 of the prepared data's manifest (data prepared
-    again is a new baseline)."""
+    out_dir, schedule, max_failures, nor where a branch forks from a trunk: a branch ends
+    bit-identical to the same run trained alone), and 8 of the prepared data's manifest (data
+    prepared again is a new baseline)."""
     determines = {
         "model": cfg.model.model_dump(mode="json"),
         "data": cfg.data.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json", exclude={"branch_steps", "fork_from"}),
         "seed": cfg.seed,
         "workers": cfg.resources.workers,
     }

@@ -45,12 +45,13 @@ __all__ = [
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_FILE = "checkpoint.pt"  # inside a Ray Train checkpoint folder
-TAGS = ("", "pre-growth", "post-growth")  # at one step, in the order they are written
-NAME = re.compile(r"step-(?P<step>\d{7})(\.(?P<tag>pre-growth|post-growth))?")
+TAGS = ("", "branch", "pre-growth", "post-growth")  # at one step, in the order they are written
+NAME = re.compile(r"step-(?P<step>\d{7})(\.(?P<tag>branch|pre-growth|post-growth))?")
 
 
 def checkpoint_name(step: int, tag: str = "") -> str:
-    """`step-0000150`, or with a tag (`pre-growth`, `post-growth`) `step-0000150.pre-growth`."""
+    """`step-0000150`, or with a tag `step-0000150.pre-growth` (`pre-growth`, `post-growth`: a
+    stage boundary; `branch`: where a shorter run forks from a trunk, `train.branch_steps`)."""
     if tag not in TAGS:
         raise ValueError(f"checkpoint tag must be one of {TAGS}, got {tag!r}")
     return f"step-{step:07d}" + (f".{tag}" if tag else "")
@@ -74,7 +75,7 @@ def is_periodic(name: str) -> bool:
 def is_growth(name: str) -> bool:
     """A stage-boundary checkpoint's name (pre- or post-growth)."""
     match = _match(name)
-    return match is not None and match["tag"] is not None
+    return match is not None and match["tag"] in ("pre-growth", "post-growth")
 
 
 def name_order(name: str) -> tuple[int, int]:

@@ -34,13 +34,22 @@ class NonFiniteLossError(RuntimeError):
 class MetricsLog:
     """Metrics as JSON lines. On resume, rows the checkpoint does not cover (a later step, or a
     growth that happened after a pre-growth checkpoint) are dropped, so the file reads as one
-    uninterrupted run. With `path=None` (every rank but 0) it does nothing."""
+    uninterrupted run; a run forked from a trunk starts from the trunk's rows `fork_rows`. With
+    `path=None` (every rank but 0) it does nothing."""
 
-    def __init__(self, path: Path | None, resume_step: int, n_physical: int) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        resume_step: int,
+        n_physical: int,
+        fork_rows: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.path = path
         self._file = None
         if path is None:
             return
+        if fork_rows is not None:
+            path.write_text("".join(json.dumps(r) + "\n" for r in fork_rows))
         rows = []
         if resume_step and path.exists():
             rows = [

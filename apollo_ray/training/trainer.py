@@ -39,12 +39,13 @@ from apollo_ray.training.checkpoints import (
 )
 from apollo_ray.training.evaluation import Evaluator
 from apollo_ray.training.faults import FaultInjection
+from apollo_ray.training.fork import load_fork
 from apollo_ray.training.late_read import LateRead
-from apollo_ray.training.optim import autocast_for, build_optimizer, compile_wanted, lr_at
-from apollo_ray.training.runlog import METRICS, MetricsLog, NonFiniteLossError, record_resume
+from apollo_ray.training.optim import autocast_for, build_optimizer, compile_wanted, progressive_lr
+from apollo_ray.training.runlog import METRICS, MetricsLog, read_rows, record_resume
 from apollo_ray.training.tracker import NullTracker, Tracker
 
-__all__ = ["NonFiniteLossError", "TrainState", "Trainer"]
+__all__ = ["TrainState", "Trainer"]
 
 
 @dataclass
@@ -90,6 +91,10 @@ class Trainer:
         self.schedule = Schedule(cfg.schedule, cfg.model.n_layer, cfg.train.steps, cfg.seed)
         self.growth = make_growth(self.schedule.cfg)
         ckpt = self.store.latest()
+        self.forked = ckpt is None and cfg.train.fork_from is not None  # a trunk's branch
+        if self.forked:
+            ckpt = load_fork(cfg)
+        self.fork_rows = ckpt["rows"] if self.forked else None  # the trunk's, up to the fork
         n_physical = ckpt["n_physical"] if ckpt else self.schedule.depths[0]
         self.model = TransformerLM(self.model_cfg, n_physical).to(self.device)
         if compile_wanted(cfg.train.compile, self.device):
@@ -133,11 +138,14 @@ class Trainer:
         return self.cfg.model
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        check_same_run(ckpt["run_config"], self.cfg, self.run_dir)
+        if not self.forked:  # a fork's checkpoint was checked by load_fork
+            check_same_run(ckpt["run_config"], self.cfg, self.run_dir)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
-        if self.rank == 0:  # said, and recorded: when and from where this run resumed
+        if self.rank == 0 and self.forked:
+            print(f"{self.cfg.name}: forking from {self.cfg.train.fork_from}")
+        elif self.rank == 0:  # said, and recorded: when and from where this run resumed
             print(f"{self.cfg.name}: resuming from the checkpoint of step {self.state.step}")
             record_resume(self.run_dir, self.state.step)
         set_rng_state(ckpt["rng"][self.rank], self.device)
@@ -155,7 +163,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=2))
         main = self.rank == 0
         metrics_path = self.run_dir / METRICS if main else None
-        log = MetricsLog(metrics_path, self.state.step, len(self.model.layers))
+        log = MetricsLog(metrics_path, self.state.step, len(self.model.layers), self.fork_rows)
         tracker = self.tracker
         tracker.start(self.store)  # after the log dropped what the checkpoint does not cover
         bar = tqdm(
@@ -187,6 +195,7 @@ class Trainer:
                     or step % cfg.eval_every == 0
                     or step % cfg.checkpoint_every == 0
                     or self._grows_at(step)
+                    or step in cfg.branch_steps
                 )
                 pending = None if at_once else row
                 if at_once:
@@ -221,6 +230,8 @@ class Trainer:
             self.save_checkpoint(row)
         elif "eval_loss" in row:
             self.store.report(row)
+        if step in cfg.branch_steps:
+            self.save_checkpoint(row, "branch")
         bar.update(1)
         bar.set_postfix(
             N=row["n_physical"],
@@ -276,18 +287,8 @@ class Trainer:
         return row
 
     def lr(self, step: int) -> float:
-        """One global schedule (the release's); with `schedule.lr_rewind` it starts again at each
-        growth, warmup and decay over the steps that remain (MSG); times a linear re-warmup
-        after the last growth if `schedule.rewarmup_steps` is set."""
-        sched, train, stage = self.schedule.cfg, self.cfg.train, self.schedule.stage_at(step)
-        start = self.schedule.starts[stage - 1] if stage > 0 else 0
-        if sched.lr_rewind:
-            lr = lr_at(step - start, train, train.steps - start)
-        else:
-            lr = lr_at(step, train)
-        if sched.rewarmup_steps and stage > 0:
-            lr *= min(1.0, (step - start + 1) / sched.rewarmup_steps)
-        return lr
+        """This run's LR at `step` (`optim.progressive_lr`)."""
+        return progressive_lr(step, self.cfg.train, self.schedule)
 
     def train_step(self) -> dict[str, Any]:
         """Queue one optimizer step over `grad_accum` micro-batches and return its metrics row,
@@ -365,11 +366,13 @@ class Trainer:
         return self.evaluator.final(self.model, self.eval_plan)
 
     def save_checkpoint(self, row: dict[str, Any], tag: str = "") -> None:
-        """Hand the checkpoint of this step (`tag`: "", "pre-growth" or "post-growth"; built on
-        rank 0 only) and the metrics row to the store; every rank calls this at the same
-        points."""
+        """Hand the checkpoint of this step (`tag`: a `checkpoint_name` tag; built on rank 0
+        only, a branch one with the metrics rows so far) and the metrics row to the store; every
+        rank calls this at the same points."""
         rngs = rng_states(self.device, self.world_size)
         ckpt = self.checkpoint(rngs) if self.rank == 0 else None
+        if ckpt is not None and tag == "branch":
+            ckpt["rows"] = read_rows(self.run_dir / METRICS)
         name = checkpoint_name(self.state.step, tag)
         self.store.report(row, ckpt, name)
         if self.faults:

@@ -79,7 +79,7 @@ class Frontier:
         for p in points:
             if not (p.flops > 0 and p.wall > 0 and math.isfinite(p.loss)):
                 raise ValueError(f"frontier point {p}: needs positive FLOPs and seconds, a loss")
-        self.points = sorted(points, key=lambda p: p.flops)
+        self.points = sorted(points, key=lambda p: (p.flops, p.loss))
         # the monotone envelope: each point's loss is the best reached with at most its compute
         best, self.envelope = math.inf, []
         for p in self.points:
@@ -118,6 +118,21 @@ class Frontier:
                 frac = (above - loss) / (above - env)
                 return _log_lerp(q.flops, p.flops, frac), _log_lerp(q.wall, p.wall, frac), None
         raise AssertionError("unreachable: loss within the envelope's range")
+
+    def loss_at(self, flops: float) -> float | None:
+        """The envelope's loss at `flops` (linear in log FLOPs between budgets); None outside
+        the budgets' range, where the frontier says nothing."""
+        first, last = self.points[0].flops, self.points[-1].flops
+        if not first <= flops <= last:
+            return None
+        for i, p in enumerate(self.points[1:], 1):
+            if flops <= p.flops:
+                q = self.points[i - 1]
+                if p.flops == q.flops:
+                    return self.envelope[i]
+                frac = math.log(flops / q.flops) / math.log(p.flops / q.flops)
+                return self.envelope[i - 1] + frac * (self.envelope[i] - self.envelope[i - 1])
+        return self.envelope[-1]
 
     def read(self, final_loss: float, flops: float, wall: float) -> Reading:
         """A run's final loss and total cost read against the frontier."""

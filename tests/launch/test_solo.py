@@ -12,7 +12,7 @@ from apollo_ray.config import RunConfig
 from apollo_ray.launch import distributed, solo
 from apollo_ray.training.checkpoints import is_checkpoint
 from apollo_ray.training.faults import FAULT_MARKER
-from apollo_ray.training.trainer import NonFiniteLossError
+from apollo_ray.training.runlog import NonFiniteLossError
 
 pytestmark = pytest.mark.slow
 

@@ -47,16 +47,17 @@ def test_periodic_and_growth_names(suffix):
 
 
 @pytest.mark.parametrize("suffix", ["", ".pt"])
-def test_name_order_is_by_step_then_periodic_pre_post(suffix):
+def test_name_order_is_by_step_then_periodic_branch_pre_post(suffix):
     names = [
         checkpoint_name(step, tag) + suffix
         for step in (3, 6, 12, 100)
-        for tag in ("", "pre-growth", "post-growth")
+        for tag in ("", "branch", "pre-growth", "post-growth")
     ]
     shuffled = names.copy()
     random.Random(0).shuffle(shuffled)
     assert sorted(shuffled, key=name_order) == names
-    assert name_order(POST + suffix) == (150, 2)
+    assert name_order(POST + suffix) == (150, 3)
+    assert is_checkpoint("step-0000150.branch") and not is_growth("step-0000150.branch")
     with pytest.raises(ValueError, match=r"not a checkpoint name: 'checkpoint\.pt'"):
         name_order("checkpoint.pt")
 

@@ -46,7 +46,7 @@ def per_sequence(model, val, count):
 @pytest.mark.parametrize("kind", ["gpt", "bert"])
 def test_final_evaluation_reads_the_whole_split(kind, gpt_data, bert_data, tmp_path):
     data = gpt_data if kind == "gpt" else bert_data
-    cfg, val, model, evaluator = setup(data, tmp_path, kind, micro_batch=5)
+    cfg, val, model, evaluator = setup(data, tmp_path, kind, micro_batch=5, final_eval_tokens=10**9)
     result = evaluator.final(model, [0, 1])
     rows = per_sequence(model, val, val.n_sequences)
     loss, n = rows[:, 0], rows[:, 1]
@@ -116,8 +116,9 @@ def test_the_final_row_holds_the_test_split_and_the_sample(gpt_data, tmp_path):
     trainer = Trainer(cfg, "cpu", progress=False)
     trainer.fit()
     last = json.loads((cfg.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    test = Batches(cfg.data, "gpt", "test", cfg.seed)
-    assert last["test_tokens"] == test.n_sequences * cfg.data.seq_len
+    wanted = math.ceil(1.1 * cfg.train.final_eval_tokens / cfg.data.seq_len)
+    assert Batches(cfg.data, "gpt", "test", cfg.seed).n_sequences > wanted
+    assert last["test_tokens"] == last["eval_tokens"] == wanted * cfg.data.seq_len
     assert {"test_loss", "test_loss_se", "test_accuracy"} <= last.keys()
     assert last["test_loss"] != last["eval_loss"]
     assert last["eval_sample_loss"] == pytest.approx(trainer.evaluate(), rel=1e-12)

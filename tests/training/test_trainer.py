@@ -12,7 +12,8 @@ from apollo_ray.method.model import flops_per_microbatch
 from apollo_ray.training.checkpoints import latest_local as latest_checkpoint
 from apollo_ray.training.checkpoints import load as load_checkpoint
 from apollo_ray.training.optim import lr_at
-from apollo_ray.training.trainer import NonFiniteLossError, Trainer
+from apollo_ray.training.runlog import NonFiniteLossError
+from apollo_ray.training.trainer import Trainer
 
 
 def make_cfg(data, out, kind="bert", n_layer=2, schedule=None, **train) -> RunConfig:
