@@ -110,8 +110,12 @@ def latest_local(run_dir: Path) -> Path | None:
 
 def check_same_run(saved: dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:
     """Refuse to resume a checkpoint written by a run with another config (name and out_dir
-    aside): it would mix two runs."""
+    aside, and where a run keeps or takes branch checkpoints, which changes nothing it
+    computes): it would mix two runs."""
     now = cfg.model_dump(mode="json")
+    free = ("branch_steps", "fork_from")
+    saved = {**saved, "train": {k: v for k, v in saved.get("train", {}).items() if k not in free}}
+    now["train"] = {k: v for k, v in now["train"].items() if k not in free}
     changed = sorted(k for k in now.keys() - {"name", "out_dir"} if saved.get(k) != now[k])
     if changed:
         raise ConfigError(

@@ -138,3 +138,6 @@ def test_check_same_run_names_the_changed_sections(tmp_path):
     changed = tiny_run("data", tmp_path / "a", seed=1, train={"lr": 1e-2}, schedule=None)
     with pytest.raises(ConfigError, match=r"different schedule, seed, train; resuming would mix"):
         check_same_run(saved, changed, tmp_path)
+    # a trunk resumed with other branch steps, a branch resumed from its own checkpoint
+    branched = tiny_run("data", tmp_path / "a", train={"branch_steps": [4], "fork_from": "x.pt"})
+    check_same_run(saved, branched, tmp_path)
