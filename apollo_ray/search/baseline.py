@@ -14,15 +14,21 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
 
 from apollo_ray.config import RunConfig
 from apollo_ray.data import load_manifest
 from apollo_ray.launch import distributed, solo
 from apollo_ray.records.results import log_frontier, log_run_results
 from apollo_ray.records.tracking import KIND, STUDY, StudyRecord, group_run, tracked_run
-from apollo_ray.storage import join_uri
+from apollo_ray.search.sweep import Setting, choose, edge_lrs, scratch_run, wsd_runs
+from apollo_ray.storage import filesystem, join_uri
 from apollo_ray.study.schema import BASELINES, StudyConfig
-from apollo_ray.training.runlog import METRICS
+from apollo_ray.training.checkpoints import CHECKPOINT_FILE
+from apollo_ray.training.runlog import METRICS, last_eval, read_rows
+from apollo_ray.yardstick.envelope import check, sample_points
 from apollo_ray.yardstick.scratch import Scratch
 
 __all__ = [
@@ -72,39 +78,169 @@ def frontier_configs(study: StudyConfig) -> dict[float, RunConfig]:
 
 
 def ensure_frontier(study: StudyConfig, record: StudyRecord | None = None) -> Scratch:
-    """Train (or reuse) the scratch runs of the frontier. With `record`, they are children of
-    the study's `baseline` run in MLflow (a reused one is uploaded from its files), which holds
-    the frontier's points and plot."""
+    """Train (or reuse) the scratch runs of the frontier: tuned per budget when the study has a
+    `baseline` sweep (`tuned`), else one run per budget at base's LR. With `record`, they are
+    children of the study's `baseline` run in MLflow (a reused one is uploaded from its files),
+    which holds the frontier's points and plot."""
     tags = {KIND: "baseline", STUDY: study.experiment}
     params = {"frontier": study.frontier, "steps": study.base.train.steps}
     with group_run(record, "baseline", tags, params) as group:
-        runs = {}
-        for budget, cfg in frontier_configs(study).items():
-            runs[budget] = str(_ensure_run(study, group, cfg, budget))
-        scratch = Scratch(runs)
+        if study.baseline is None:
+            runs = {
+                budget: str(_ensure_run(study, group, cfg, {"budget": budget}))
+                for budget, cfg in frontier_configs(study).items()
+            }
+            scratch = Scratch(runs)
+        else:
+            scratch = tuned(study, group)
         if group is not None:
             log_frontier(group, scratch.frontier(), scratch.curves(), study.experiment)
     return scratch
 
 
+def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
+    """The tuned frontier: the wsd sweep over the LRs (extended past a chosen edge), cosine at
+    the chosen LR for the budgets from 1/4 to 1x, on the sweep seed; the best setting per
+    budget on validation, trained on the base seed. Every run and the choice are written to
+    `<study_dir>/baseline.json`, with the any-checkpoint check's flags
+    (`apollo_ray/yardstick/envelope.py`)."""
+    sweep, base, budgets = study.baseline, study.base, study.frontier
+    warmup = sweep.warmup_steps
+    if warmup is None:
+        warmup = round(base.train.warmup * base.train.steps)
+    lrs = list(sweep.lrs or [base.train.lr * f for f in (0.5, 1.0, 2.0, 4.0)])
+    trained: list[dict[str, Any]] = []
+
+    def train(setting: Setting, seed: int, among: list[float], role: str) -> dict[float, Path]:
+        runs = {
+            b: _placed(study, scratch_run(base, b, setting, seed, warmup, sweep.decay_fraction))
+            for b in among
+        }
+        if setting.family == "wsd" and len(runs) > 1:
+            runs = wsd_runs(runs, lambda trunk, name: _where(study, trunk, name))
+        done = {}
+        for budget in sorted(runs, reverse=True):  # a trunk before its branches
+            cfg = runs[budget]
+            if cfg.train.fork_from and not _exists(cfg.train.fork_from):  # a trunk cached
+                cfg = cfg.model_copy(  # without this branch: trained alone, the same run
+                    update={"train": cfg.train.model_copy(update={"fork_from": None})}
+                )
+            searched = {
+                "budget": budget,
+                "family": setting.family,
+                "lr": setting.lr,
+                "seed": seed,
+                "role": role,
+            }
+            done[budget] = _ensure_run(study, group, cfg, searched)
+            final = last_eval(done[budget])
+            trained.append(
+                {
+                    **searched,
+                    "run": cfg.output_dir.name,
+                    "steps": cfg.train.steps,
+                    "forked": cfg.train.fork_from is not None,
+                    "eval_loss": final["eval_loss"],
+                    "test_loss": final.get("test_loss"),
+                }
+            )
+        return done
+
+    losses: dict[tuple[float, Setting], float] = {}
+    swept: set[float] = set()
+    for _ in range(sweep.extend + 1):
+        for lr in [lr for lr in lrs if lr not in swept]:
+            wsd = Setting("wsd", lr)
+            for budget, path in train(wsd, sweep.sweep_seed, budgets, "sweep").items():
+                losses[(budget, wsd)] = last_eval(path)["eval_loss"]
+            swept.add(lr)
+        extra = edge_lrs(choose(losses, budgets), lrs)
+        if not extra:
+            break
+        lrs += extra
+    chosen_wsd = choose(losses, budgets)
+    if sweep.cosine:
+        chosen = chosen_wsd
+        for budget in [b for b in budgets if 0.25 <= b <= 1.0]:
+            cosine = Setting("cosine", chosen[budget].lr)
+            path = train(cosine, sweep.sweep_seed, [budget], "sweep")[budget]
+            losses[(budget, cosine)] = last_eval(path)["eval_loss"]
+    chosen = choose(losses, budgets)
+    reading: dict[float, str] = {}
+    for setting in sorted(set(chosen.values())):
+        among = [b for b in budgets if chosen[b] == setting]
+        for budget, path in train(setting, base.seed, among, "frontier").items():
+            reading[budget] = str(path)
+    scratch = Scratch(reading)
+    _write_baseline(study, chosen, chosen_wsd, trained, scratch)
+    return scratch
+
+
+def _write_baseline(
+    study: StudyConfig,
+    chosen: dict[float, Setting],
+    chosen_wsd: dict[float, Setting],
+    trained: list[dict],
+    scratch: Scratch,
+) -> None:
+    """`<study_dir>/baseline.json`: the choice per budget, every scratch run the tuning trained
+    (its cost in steps: a branch trains only its decay), and the any-checkpoint check."""
+    points = {  # a branch repeats its trunk's points up to the fork: each once
+        (p.step, p.flops, p.loss): p
+        for run in sorted({r["run"] for r in trained})
+        for p in sample_points(run, read_rows(Path(study.baselines_dir) / run / METRICS))
+    }.values()
+    flags = check(scratch.sample_frontier(), points)
+    for flag in flags[:3]:
+        print(
+            f"scratch {flag.point.run} at step {flag.point.step} is {flag.by:.3f} nats below the "
+            "frontier at its compute: the frontier is not scratch's best there",
+            file=sys.stderr,
+        )
+    payload = {
+        "chosen": {f"{b:g}": {"family": s.family, "lr": s.lr} for b, s in chosen.items()},
+        "chosen_wsd": {f"{b:g}": s.lr for b, s in chosen_wsd.items()},
+        "runs": trained,
+        "tuning_runs": len({r["run"] for r in trained}),
+        "flags": [f.as_dict() for f in flags],
+    }
+    path = Path(study.study_dir) / "baseline.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _placed(study: StudyConfig, cfg: RunConfig) -> RunConfig:
+    """`cfg` in <output_dir>/baselines/<baseline_key>."""
+    return cfg.model_copy(update={"out_dir": join_uri(study.baselines_dir, baseline_key(cfg))})
+
+
+def _where(study: StudyConfig, trunk: RunConfig, name: str) -> str:
+    """Where checkpoint `name` of scratch run `trunk` lies in the study's storage."""
+    return join_uri(study.storage(BASELINES), trunk.output_dir.name, name, CHECKPOINT_FILE)
+
+
+def _exists(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pyarrow.fs.FileType.File
+
+
 def _ensure_run(
-    study: StudyConfig, group: StudyRecord | None, cfg: RunConfig, budget: float
+    study: StudyConfig, group: StudyRecord | None, cfg: RunConfig, searched: dict[str, Any]
 ) -> Path:
     run_dir = cfg.output_dir
     metrics = run_dir / METRICS
     cached = (run_dir / DONE_MARKER).exists()
-    searched = {"budget": budget}
     storage = study.storage(BASELINES)
     folder = join_uri(storage, run_dir.name)
     with tracked_run(
         study, group, cfg, "frontier", searched, trial_id=cfg.name, storage=folder
     ) as target:
         if cached:
-            print(f"scratch {budget:g}x: reusing {run_dir}", file=sys.stderr)
+            print(f"{cfg.name}: reusing {run_dir}", file=sys.stderr)
             if target is not None:  # its rows and checkpoints are uploaded on the way out
                 group.client().set_tag(target.run_id, "apollo.cached", str(run_dir))
         else:
-            print(f"scratch {budget:g}x: training in {run_dir}", file=sys.stderr)
+            print(f"{cfg.name}: training in {run_dir}", file=sys.stderr)
             if solo.applies(cfg):
                 last = solo.run(cfg, tracking=target, storage_path=storage)
             else:

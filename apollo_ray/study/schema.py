@@ -26,6 +26,7 @@ from apollo_ray.study.space_checks import Problem, check_space, line_errors
 __all__ = [
     "BASELINES",
     "OBJECTIVES",
+    "BaselineConfig",
     "ConfirmConfig",
     "PrepareConfig",
     "SamplerConfig",
@@ -148,6 +149,41 @@ class TrackingConfig(Strict):
     )
 
 
+class BaselineConfig(Strict):
+    """How scratch is tuned for the frontier, as hard as the method (issue 26): per budget, the
+    best of a sweep of peak LRs and schedule families, chosen on the validation split on a seed
+    of its own; the base seed then trains the chosen setting (`apollo_ray/search/sweep.py`)."""
+
+    lrs: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="peak LRs swept with wsd; null: base.train.lr x 1/2, 1, 2, 4; a budget that "
+        "chooses one at an edge extends the sweep by a factor of 2 (`extend` times at most)",
+    )
+    cosine: bool = Field(
+        True,
+        description="also train cosine at the LR wsd chose, for the budgets from 1/4 to 1x, "
+        "kept where it ends lower",
+    )
+    sweep_seed: int = Field(
+        1000, ge=0, description="the seed the sweep trains on (not one of the reading seeds)"
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="warmup of every run, in steps; null: base's warmup at 1x"
+    )
+    decay_fraction: float = Field(
+        0.2, gt=0.0, le=1.0, description="wsd: the last fraction of the steps, decayed to zero"
+    )
+    extend: int = Field(2, ge=0, description="times a chosen LR at an edge extends the sweep")
+
+    @field_validator("lrs")
+    @classmethod
+    def _positive(cls, lrs: list[float] | None) -> list[float] | None:
+        if lrs is not None and (any(lr <= 0 for lr in lrs) or len(set(lrs)) != len(lrs)):
+            raise ValueError(f"must be distinct positive learning rates, got {lrs}")
+        return lrs
+
+
 class StudyConfig(Strict):
     """One study: `python -m apollo_ray.tune STUDY.yaml`.
 
@@ -183,6 +219,11 @@ class StudyConfig(Strict):
         description="the scratch frontier every trial is read against: budgets of from-scratch "
         "runs, as multiples of base.train.steps, each with its own warmup and decay; 1.0 (the "
         "trials' own budget) must be one of them",
+    )
+    baseline: BaselineConfig | None = Field(
+        None,
+        description="tune scratch per budget (LR and schedule family) before the frontier is "
+        "read; null: each budget one cosine run at base.train.lr, untuned",
     )
     search: SearchConfig = Field(description="trials, sampler, objective, scheduler, space")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")

@@ -3,6 +3,7 @@ they are and how they are trained is `apollo_ray.search.baseline`."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,18 @@ class Scratch:
             points.append(
                 FrontierPoint(budget, curve.total_flops, curve.total_wall, curve.final_loss)
             )
+        return Frontier(points)
+
+    def sample_frontier(self) -> Frontier:
+        """The frontier on the fixed validation sample that every evaluation reads (each run's
+        final `eval_sample_loss`; its `eval_loss` for runs from before there was one): what
+        the any-checkpoint check holds every scratch evaluation against."""
+        points = []
+        for budget, path in self.runs.items():
+            curve = Curve.from_metrics(path)
+            last = [json.loads(line) for line in Path(path).read_text().splitlines()][-1]
+            loss = last.get("eval_sample_loss", curve.final_loss)
+            points.append(FrontierPoint(budget, curve.total_flops, curve.total_wall, loss))
         return Frontier(points)
 
     def curves(self) -> list[Curve]:

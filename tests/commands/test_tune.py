@@ -97,3 +97,34 @@ def test_interrupted_search_resumes_without_redoing_trials(tiny_search):
     # the resumed study did not train it again
     resumed_at = float((tiny_search.parent / "resumed_at").read_text())
     assert (run_dir / "metrics.jsonl").stat().st_mtime < resumed_at
+
+
+@pytest.mark.slow
+def test_the_frontier_is_tuned_per_budget(ray_cluster, tmp_path, gpt_data):
+    """`baseline`: a wsd sweep of two LRs (one trunk each, the 0.5x run a branch of it) and
+    cosine at the chosen LR, on the sweep seed; the best setting per budget on validation,
+    trained on the base seed; everything in baseline.json."""
+    from apollo_ray.search.baseline import ensure_frontier
+
+    path = tiny_study(tmp_path, gpt_data)
+    data = yaml.safe_load(path.read_text())
+    data["baseline"] = {"lrs": [1.0e-3, 3.0e-3], "sweep_seed": 5, "extend": 0}
+    path.write_text(yaml.safe_dump(data))
+    study = load_study(path)
+    scratch = ensure_frontier(study)
+    record = json.loads((tmp_path / "outputs" / "tiny" / "baseline.json").read_text())
+    sweep = [r for r in record["runs"] if r["role"] == "sweep"]
+    assert {(r["budget"], r["family"], r["lr"]) for r in sweep} == {
+        (b, "wsd", lr) for b in (0.5, 1.0) for lr in (1.0e-3, 3.0e-3)
+    } | {(b, "cosine", record["chosen_wsd"][f"{b:g}"]) for b in (0.5, 1.0)}
+    assert all(r["seed"] == 5 for r in sweep)
+    assert [r["forked"] for r in sweep if r["family"] == "wsd" and r["budget"] == 0.5] == [True] * 2
+    for budget in ("0.5", "1"):
+        best = min((r for r in sweep if f"{r['budget']:g}" == budget), key=lambda r: r["eval_loss"])
+        assert record["chosen"][budget] == {"family": best["family"], "lr": best["lr"]}
+    reading = {f"{r['budget']:g}": r for r in record["runs"] if r["role"] == "frontier"}
+    assert set(reading) == {"0.5", "1"} and all(r["seed"] == 0 for r in reading.values())
+    assert record["tuning_runs"] == len({r["run"] for r in record["runs"]})
+    assert isinstance(record["flags"], list)
+    assert sorted(scratch.runs) == [0.5, 1.0]
+    assert all(reading[f"{b:g}"]["run"] in path for b, path in scratch.runs.items())
