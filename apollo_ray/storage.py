@@ -65,11 +65,17 @@ def read_bytes(location: str | Path) -> bytes:
         return f.read()
 
 
+def exists(location: str) -> bool:
+    """Whether there is a file at `location` (a path or a URI)."""
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pyarrow.fs.FileType.File
+
+
 def fetch(location: str, dest: Path) -> bool:
     """Copy the file at `location` to the local `dest`; False if there is no such file."""
-    fs, path = filesystem(location)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+    if not exists(location):
         return False
+    fs, path = filesystem(location)
     pyarrow.fs.copy_files(
         path, str(dest), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem()
     )

@@ -16,15 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
-
 from apollo_ray.config import RunConfig
 from apollo_ray.data import load_manifest
 from apollo_ray.launch import distributed, solo
 from apollo_ray.records.results import log_frontier, log_run_results
 from apollo_ray.records.tracking import KIND, STUDY, StudyRecord, group_run, tracked_run
 from apollo_ray.search.sweep import Setting, choose, edge_lrs, scratch_run, wsd_runs
-from apollo_ray.storage import filesystem, join_uri
+from apollo_ray.storage import exists, join_uri
 from apollo_ray.study.schema import BASELINES, StudyConfig
 from apollo_ray.training.checkpoints import CHECKPOINT_FILE
 from apollo_ray.training.runlog import METRICS, last_eval, read_rows
@@ -111,7 +109,9 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
     lrs = list(sweep.lrs or [base.train.lr * f for f in (0.5, 1.0, 2.0, 4.0)])
     trained: list[dict[str, Any]] = []
 
-    def train(setting: Setting, seed: int, among: list[float], role: str) -> dict[float, Path]:
+    def train(setting: Setting, seed: int, among: list[float], role: str) -> dict[float, dict]:
+        """Train (or reuse) `setting`'s runs of the budgets `among` on `seed`: budget -> its
+        record in baseline.json, and `metrics`, its metrics.jsonl (each final row read once)."""
         runs = {
             b: _placed(study, scratch_run(base, b, setting, seed, warmup, sweep.decay_fraction))
             for b in among
@@ -121,7 +121,7 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
         done = {}
         for budget in sorted(runs, reverse=True):  # a trunk before its branches
             cfg = runs[budget]
-            if cfg.train.fork_from and not _exists(cfg.train.fork_from):  # a trunk cached
+            if cfg.train.fork_from and not exists(cfg.train.fork_from):  # a trunk cached
                 cfg = cfg.model_copy(  # without this branch: trained alone, the same run
                     update={"train": cfg.train.model_copy(update={"fork_from": None})}
                 )
@@ -132,18 +132,18 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
                 "seed": seed,
                 "role": role,
             }
-            done[budget] = _ensure_run(study, group, cfg, searched)
-            final = last_eval(done[budget])
-            trained.append(
-                {
-                    **searched,
-                    "run": cfg.output_dir.name,
-                    "steps": cfg.train.steps,
-                    "forked": cfg.train.fork_from is not None,
-                    "eval_loss": final["eval_loss"],
-                    "test_loss": final.get("test_loss"),
-                }
-            )
+            metrics = _ensure_run(study, group, cfg, searched)
+            final = last_eval(metrics)
+            record = {
+                **searched,
+                "run": cfg.output_dir.name,
+                "steps": cfg.train.steps,
+                "forked": cfg.train.fork_from is not None,
+                "eval_loss": final["eval_loss"],
+                "test_loss": final.get("test_loss"),
+            }
+            trained.append(record)
+            done[budget] = {**record, "metrics": metrics}
         return done
 
     losses: dict[tuple[float, Setting], float] = {}
@@ -151,8 +151,8 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
     for _ in range(sweep.extend + 1):
         for lr in [lr for lr in lrs if lr not in swept]:
             wsd = Setting("wsd", lr)
-            for budget, path in train(wsd, sweep.sweep_seed, budgets, "sweep").items():
-                losses[(budget, wsd)] = last_eval(path)["eval_loss"]
+            for budget, run in train(wsd, sweep.sweep_seed, budgets, "sweep").items():
+                losses[(budget, wsd)] = run["eval_loss"]
             swept.add(lr)
         extra = edge_lrs(choose(losses, budgets), lrs)
         if not extra:
@@ -163,14 +163,14 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
         chosen = chosen_wsd
         for budget in [b for b in budgets if 0.25 <= b <= 1.0]:
             cosine = Setting("cosine", chosen[budget].lr)
-            path = train(cosine, sweep.sweep_seed, [budget], "sweep")[budget]
-            losses[(budget, cosine)] = last_eval(path)["eval_loss"]
+            run = train(cosine, sweep.sweep_seed, [budget], "sweep")[budget]
+            losses[(budget, cosine)] = run["eval_loss"]
     chosen = choose(losses, budgets)
     reading: dict[float, str] = {}
     for setting in sorted(set(chosen.values())):
         among = [b for b in budgets if chosen[b] == setting]
-        for budget, path in train(setting, base.seed, among, "frontier").items():
-            reading[budget] = str(path)
+        for budget, run in train(setting, base.seed, among, "frontier").items():
+            reading[budget] = str(run["metrics"])
     scratch = Scratch(reading)
     _write_baseline(study, chosen, chosen_wsd, trained, scratch)
     return scratch
@@ -217,11 +217,6 @@ def _placed(study: StudyConfig, cfg: RunConfig) -> RunConfig:
 def _where(study: StudyConfig, trunk: RunConfig, name: str) -> str:
     """Where checkpoint `name` of scratch run `trunk` lies in the study's storage."""
     return join_uri(study.storage(BASELINES), trunk.output_dir.name, name, CHECKPOINT_FILE)
-
-
-def _exists(location: str) -> bool:
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type == pyarrow.fs.FileType.File
 
 
 def _ensure_run(

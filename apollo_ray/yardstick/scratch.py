@@ -39,9 +39,9 @@ class Scratch:
         the any-checkpoint check holds every scratch evaluation against."""
         points = []
         for budget, path in self.runs.items():
-            curve = Curve.from_metrics(path)
-            last = [json.loads(line) for line in Path(path).read_text().splitlines()][-1]
-            loss = last.get("eval_sample_loss", curve.final_loss)
+            rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+            curve = Curve.from_metrics(rows, name=Path(path).parent.name)
+            loss = rows[-1].get("eval_sample_loss", curve.final_loss)
             points.append(FrontierPoint(budget, curve.total_flops, curve.total_wall, loss))
         return Frontier(points)
 
