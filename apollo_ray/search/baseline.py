@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from apollo_ray.data import load_manifest
 from apollo_ray.launch import distributed, solo
 from apollo_ray.records.results import log_frontier, log_run_results
 from apollo_ray.records.tracking import KIND, STUDY, StudyRecord, group_run, tracked_run
-from apollo_ray.search.sweep import Setting, choose, edge_lrs, scratch_run, wsd_runs
+from apollo_ray.search.sweep import Setting, alone, scratch_run, wsd_runs
+from apollo_ray.search.sweep import sweep as tune
 from apollo_ray.storage import exists, join_uri
 from apollo_ray.study.schema import BASELINES, StudyConfig
 from apollo_ray.training.checkpoints import CHECKPOINT_FILE
@@ -121,10 +123,8 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
         done = {}
         for budget in sorted(runs, reverse=True):  # a trunk before its branches
             cfg = runs[budget]
-            if cfg.train.fork_from and not exists(cfg.train.fork_from):  # a trunk cached
-                cfg = cfg.model_copy(  # without this branch: trained alone, the same run
-                    update={"train": cfg.train.model_copy(update={"fork_from": None})}
-                )
+            if cfg.train.fork_from and not exists(cfg.train.fork_from):
+                cfg = alone(cfg)  # a trunk cached without this branch's checkpoint
             searched = {
                 "budget": budget,
                 "family": setting.family,
@@ -146,33 +146,19 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
             done[budget] = {**record, "metrics": metrics}
         return done
 
-    losses: dict[tuple[float, Setting], float] = {}
-    swept: set[float] = set()
-    for _ in range(sweep.extend + 1):
-        for lr in [lr for lr in lrs if lr not in swept]:
-            wsd = Setting("wsd", lr)
-            for budget, run in train(wsd, sweep.sweep_seed, budgets, "sweep").items():
-                losses[(budget, wsd)] = run["eval_loss"]
-            swept.add(lr)
-        extra = edge_lrs(choose(losses, budgets), lrs)
-        if not extra:
-            break
-        lrs += extra
-    chosen_wsd = choose(losses, budgets)
-    if sweep.cosine:
-        chosen = chosen_wsd
-        for budget in [b for b in budgets if 0.25 <= b <= 1.0]:
-            cosine = Setting("cosine", chosen[budget].lr)
-            run = train(cosine, sweep.sweep_seed, [budget], "sweep")[budget]
-            losses[(budget, cosine)] = run["eval_loss"]
-    chosen = choose(losses, budgets)
+    def losses(setting: Setting, among: Sequence[float]) -> dict[float, float]:
+        runs = train(setting, sweep.sweep_seed, list(among), "sweep")
+        return {budget: run["eval_loss"] for budget, run in runs.items()}
+
+    found = tune(losses, lrs, budgets, sweep.extend, sweep.cosine)
+    chosen = found.chosen
     reading: dict[float, str] = {}
     for setting in sorted(set(chosen.values())):
         among = [b for b in budgets if chosen[b] == setting]
         for budget, run in train(setting, base.seed, among, "frontier").items():
             reading[budget] = str(run["metrics"])
     scratch = Scratch(reading)
-    _write_baseline(study, chosen, chosen_wsd, trained, scratch)
+    _write_baseline(study, chosen, found.chosen_wsd, trained, scratch)
     return scratch
 
 

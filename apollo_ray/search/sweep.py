@@ -18,14 +18,14 @@ A chosen LR at the edge of its sweep extends the sweep by a factor of 2 beyond t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from apollo_ray.config import RunConfig
 from apollo_ray.training.checkpoints import checkpoint_name
 from apollo_ray.training.optim import decay_start
 
-__all__ = ["Setting", "choose", "edge_lrs", "scratch_run", "wsd_runs"]
+__all__ = ["Setting", "Sweep", "alone", "choose", "edge_lrs", "scratch_run", "sweep", "wsd_runs"]
 
 Family = Literal["wsd", "cosine"]
 
@@ -86,6 +86,52 @@ def wsd_runs(
             update={"train": cfg.train.model_copy(update={"fork_from": fork})}
         )
     return out
+
+
+def alone(cfg: RunConfig) -> RunConfig:
+    """Branch `cfg` trained from step 0 instead of from its trunk's checkpoint: the same run
+    (for a trunk found cached without that checkpoint)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"fork_from": None})})
+
+
+@dataclass
+class Sweep:
+    """What a sweep found: per budget the chosen setting, and wsd's choice before cosine was
+    tried; the validation loss of every (budget, setting) it trained."""
+
+    chosen: dict[float, Setting]
+    chosen_wsd: dict[float, Setting]
+    losses: dict[tuple[float, Setting], float] = field(repr=False)
+
+
+def sweep(
+    train: Callable[[Setting, Sequence[float]], Mapping[float, float]],
+    lrs: Sequence[float],
+    budgets: Sequence[float],
+    extend: int = 2,
+    cosine: bool = True,
+) -> Sweep:
+    """Tune scratch per budget: wsd at every LR of `lrs` over every budget (`train(setting,
+    budgets)`: budget -> validation loss of each run, trained or cached), the LRs extended past
+    a chosen edge up to `extend` times; then, with `cosine`, cosine at wsd's chosen LR for the
+    budgets from 1/4 to 1x, kept where it ends lower."""
+    lrs, losses = list(lrs), {}
+    swept: set[float] = set()
+    for _ in range(extend + 1):
+        for lr in [lr for lr in lrs if lr not in swept]:
+            wsd = Setting("wsd", lr)
+            losses |= {(b, wsd): loss for b, loss in train(wsd, budgets).items()}
+            swept.add(lr)
+        extra = edge_lrs(choose(losses, budgets), lrs)
+        if not extra:
+            break
+        lrs += extra
+    chosen_wsd = choose(losses, budgets)
+    if cosine:
+        for budget in [b for b in budgets if 0.25 <= b <= 1.0]:
+            setting = Setting("cosine", chosen_wsd[budget].lr)
+            losses |= {(b, setting): loss for b, loss in train(setting, [budget]).items()}
+    return Sweep(choose(losses, budgets), chosen_wsd, losses)
 
 
 def choose(

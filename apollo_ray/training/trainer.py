@@ -365,6 +365,15 @@ class Trainer:
         """The final held-out loss with its standard error (`Evaluator.final`)."""
         return self.evaluator.final(self.model, self.eval_plan)
 
+    def read_checkpoint(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """The final evaluation (validation and test, `Evaluator.final`) of the model in
+        `ckpt`, a checkpoint of this run at any step: how a scratch run mid-way is read on
+        test like a finished one."""
+        check_same_run(ckpt["run_config"], self.cfg, self.run_dir)
+        model = TransformerLM(self.model_cfg, ckpt["n_physical"]).to(self.device)
+        model.load_state_dict(ckpt["model"])
+        return self.evaluator.final(model, self.schedule.eval_plan(ckpt["n_physical"]))
+
     def save_checkpoint(self, row: dict[str, Any], tag: str = "") -> None:
         """Hand the checkpoint of this step (`tag`: a `checkpoint_name` tag; built on rank 0
         only, a branch one with the metrics rows so far) and the metrics row to the store; every

@@ -10,7 +10,7 @@ more than `tolerance` below it is flagged, and readings switch to the lower enve
 frontier and the flagged points.
 
     flags = check(frontier, points, seed_sd=0.004)   # points: EvalPoint of every scratch eval
-    frontier = lower_envelope(frontier, flags) if flags else frontier
+    frontier = lower_envelope(frontier, [f.point for f in flags]) if flags else frontier
 """
 
 from __future__ import annotations
@@ -90,17 +90,15 @@ def check(
     return sorted(flags, key=lambda f: -f.by)
 
 
-def lower_envelope(frontier: Frontier, flags: Iterable[Flag]) -> Frontier:
-    """The frontier with the flagged points added as points of their own (budget: their
-    compute as a multiple of the 1x run's, when the frontier has one)."""
+def lower_envelope(frontier: Frontier, points: Iterable[EvalPoint]) -> Frontier:
+    """The frontier with `points` (the flagged ones, each with the loss it is read by: on
+    test, where the frontier is) added as points of their own (budget: their compute as a
+    multiple of the 1x run's, when the frontier has one)."""
     try:
         full = frontier.budget(1.0).flops
     except KeyError:
         full = frontier.points[-1].flops / frontier.points[-1].budget
-    extra = [
-        FrontierPoint(f.point.flops / full, f.point.flops, f.point.wall, f.point.loss)
-        for f in flags
-    ]
+    extra = [FrontierPoint(p.flops / full, p.flops, p.wall, p.loss) for p in points]
     return Frontier([*frontier.points, *extra])
 
 

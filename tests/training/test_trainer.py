@@ -122,6 +122,25 @@ def test_non_finite_loss_stops_cleanly(bert_data, tmp_path, monkeypatch):
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+def test_a_kept_checkpoint_is_read_like_the_finished_run(gpt_data, tmp_path):
+    """A scratch run mid-way is read on validation and test like a finished one (the
+    any-checkpoint check's flagged points): the last checkpoint reads the final row's losses."""
+    cfg = make_cfg(gpt_data, tmp_path, "gpt", steps=8, checkpoint_every=4, keep_checkpoints=9)
+    Trainer(cfg, progress=False).fit()
+    final = metrics_rows(tmp_path)[-1]
+    reader = Trainer(cfg.model_copy(update={"out_dir": str(tmp_path / "reader")}), progress=False)
+    at = {
+        n: reader.read_checkpoint(load_checkpoint(tmp_path / "checkpoints" / n))
+        for n in (
+            "step-0000004.pt",
+            "step-0000008.pt",
+        )
+    }
+    end = at["step-0000008.pt"]
+    assert end["test_loss"] == final["test_loss"] and end["eval_loss"] == final["eval_loss"]
+    assert at["step-0000004.pt"]["test_loss"] > end["test_loss"]
+
+
 def test_optimizer_is_fused_adamw(bert_data, tmp_path):
     # one kernel over all tensors, and the route by which a non-finite step is skipped on the
     # device (found_inf) without the host waiting for the loss
