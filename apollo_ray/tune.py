@@ -32,7 +32,7 @@ from pathlib import Path
 
 from apollo_ray.config import ConfigError
 from apollo_ray.data import DataError, check_data, prepare, resolve_source
-from apollo_ray.data.shards import MANIFEST
+from apollo_ray.data.shards import MANIFEST, load_manifest
 from apollo_ray.launch.preflight import join_ray, machine, placeholders, storage
 from apollo_ray.records.mlflow_server import check_tracking, tracking_uri
 from apollo_ray.storage import is_uri
@@ -72,11 +72,29 @@ def cheap_checks(study: StudyConfig, address: str | None) -> None:
         return
     if not _needs_preparing(study):
         check_data(study.base.data, study.base.model.kind, field=BASE_DATA)
+        check_prepared_as_asked(study)
         return
     p = study.prepare
     for spec in p.sources:
         if not spec.startswith("hub:"):  # a Hub dataset is reached when it is prepared
             resolve_source(spec, text_column=p.text_column, split=p.split, doc_sep=p.doc_sep)
+
+
+def check_prepared_as_asked(study: StudyConfig) -> None:
+    """Data already in base.data.path, prepared with other held-out fractions than the study's
+    `prepare` asks for (data from before the test split has none): the study would select and
+    report on other documents than it says."""
+    if study.prepare is None:
+        return
+    path = study.base.data.path
+    manifest = load_manifest(path)
+    asked = (study.prepare.val_fraction, study.prepare.test_fraction)
+    if (manifest.val_fraction, manifest.test_fraction) != asked:
+        raise ConfigError(
+            f"{BASE_DATA}: {path} was prepared with val_fraction {manifest.val_fraction} and "
+            f"test_fraction {manifest.test_fraction}, the study's prepare asks for {asked[0]} "
+            f"and {asked[1]}: remove {path} to prepare it again, or point {BASE_DATA} elsewhere"
+        )
 
 
 def _needs_preparing(study: StudyConfig) -> bool:

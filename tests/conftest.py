@@ -266,12 +266,14 @@ def tiny_study(
 ) -> Path:
     """A study YAML in `tmp_path`: a 4-layer GPT, 12 steps, 3 stages, random search over alpha
     and the LR (an LR of 1e9 makes the loss NaN at step 1); a frontier of two scratch runs
-    (6 and 12 steps), the fewest there can be; a trial whose process dies is retried once;
-    `confirm` as search.confirm."""
+    (6 and 12 steps), the fewest there can be, untuned (`baseline: null`: the tuned frontier
+    has its own test, tests/commands/test_tune.py); a trial whose process dies is retried
+    once; `confirm` as search.confirm."""
     study = {
         "experiment": experiment,
         "output_dir": str(tmp_path / "outputs"),
         "frontier": [0.5, 1.0],
+        "baseline": None,
         "base": tiny_run_dict(
             gpt_data, resources={"workers": 1, "cpus_per_worker": 1, "max_failures": 1}
         ),

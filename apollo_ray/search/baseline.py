@@ -106,6 +106,8 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
     (`apollo_ray/yardstick/envelope.py`)."""
     sweep, base, budgets = study.baseline, study.base, study.frontier
     warmup = sweep.warmup_steps
+    if warmup is None:  # base's at 1x
+        warmup = base.train.warmup_steps
     if warmup is None:
         warmup = round(base.train.warmup * base.train.steps)
     lrs = list(sweep.lrs or [base.train.lr * f for f in (0.5, 1.0, 2.0, 4.0)])

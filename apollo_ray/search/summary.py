@@ -60,7 +60,8 @@ def trial_rows(study: StudyConfig, grid) -> list[dict[str, Any]]:
 def confirmation(study: StudyConfig, runs: list[dict[str, Any]], grid) -> list[dict[str, Any]]:
     """The confirmed ranking: per re-run trial, its speedups and final losses over the fresh
     seeds, the geometric-mean speedup with its 95% interval (`stats.log_interval`), best first
-    (by mean speedup, or mean final loss for objective eval_loss)."""
+    (by mean speedup on validation, or mean final loss for objective eval_loss); with a test
+    split, `test_speedup`, the same read on test: the number a person reads."""
     by_trial: dict[str, dict[str, Any]] = {}
     for run in runs:
         entry = by_trial.setdefault(run["trial"], {"trial": run["trial"], "params": run["params"]})
@@ -73,15 +74,18 @@ def confirmation(study: StudyConfig, runs: list[dict[str, Any]], grid) -> list[d
             entry.setdefault("speedups", []).append(m["speedup"])
             entry.setdefault("eval_losses", []).append(m["eval_loss"])
             entry.setdefault("bounds", []).append(m.get("bound"))
+            entry.setdefault("test_speedups", []).append(m.get("test_speedup"))
         else:
             entry.setdefault("failed_seeds", []).append(run["seed"])
     table = []
     for entry in by_trial.values():
         if entry["seeds"]:
             order = sorted(range(len(entry["seeds"])), key=lambda k: entry["seeds"][k])
-            for key in ("seeds", "speedups", "eval_losses", "bounds"):
+            for key in ("seeds", "speedups", "eval_losses", "bounds", "test_speedups"):
                 entry[key] = [entry[key][k] for k in order]
             entry["speedup"] = asdict(log_interval(entry["speedups"]))
+            if None not in entry["test_speedups"]:
+                entry["test_speedup"] = asdict(log_interval(entry["test_speedups"]))
             entry["eval_loss"] = sum(entry["eval_losses"]) / len(entry["eval_losses"])
         table.append(entry)
     if study.search.objective == "eval_loss":
@@ -97,7 +101,13 @@ def confirmed_note(confirmed: list[dict[str, Any]], scratch_se: float | None = N
     if not done:
         return "confirmation: no re-run finished"
     best = done[0]
-    lines = [f"confirmed best trial {best['trial']}: " + Interval(**best["speedup"]).describe()]
+    speedup = Interval(**best["speedup"]).describe()
+    if "test_speedup" in best:  # chosen on validation, read on test
+        speedup = (
+            Interval(**best["test_speedup"]).describe() + f" on the test split (validation, "
+            f"which chose it: {Interval(**best['speedup']).describe()})"
+        )
+    lines = [f"confirmed best trial {best['trial']}: {speedup}"]
     if any(b == "lower" for b in best["bounds"]):
         lines.append("  (some seeds ended beyond the frontier: those speedups are lower bounds)")
     if scratch_se is not None:
@@ -143,12 +153,15 @@ def summarize(
         "confirmed": confirmed,
         "best": best,
         "frontier": [asdict(p) for p in scratch.frontier().points],
-        "scratch": {"eval_loss": full["eval_loss"], "eval_loss_se": full.get("eval_loss_se")},
+        "scratch": {
+            k: full.get(k) for k in ("eval_loss", "eval_loss_se", "test_loss", "test_loss_se")
+        },
         "note": "\n".join(notes),
     }
     out = Path(study.study_dir)
     if best:
-        write_best_yaml(study, best[0], out / "best.yaml")
+        reading = confirmed[0] if confirmed and confirmed[0]["seeds"] else None
+        write_best_yaml(study, best[0], out / "best.yaml", reading)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     table = format_table(rows)
     if confirmed:
@@ -160,24 +173,29 @@ def summarize(
 
 
 def format_confirmed(confirmed: list[dict[str, Any]]) -> str:
-    header = ["trial", "seeds", "mean eval loss", "speedup (geometric mean)", "95% CI"]
+    header = ["trial", "seeds", "mean eval loss", "speedup (validation)", "speedup (test)"]
     lines = []
     for e in confirmed:
         if not e["seeds"]:
             lines.append([e["trial"], "-", "-", "-", f"failed: seeds {e.get('failed_seeds')}"])
             continue
-        ci = e["speedup"]
-        interval = "-" if ci["low"] is None else f"{ci['low']:.3g}-{ci['high']:.3g}"
         lines.append(
             [
                 e["trial"],
                 ",".join(map(str, e["seeds"])),
                 f"{e['eval_loss']:.4f}",
-                f"{ci['mean']:.3g}",
-                interval,
+                _interval(e["speedup"]),
+                _interval(e["test_speedup"]) if "test_speedup" in e else "-",
             ]
         )
     return text_table(header, lines)
+
+
+def _interval(ci: dict[str, Any]) -> str:
+    """A geometric mean with its 95% interval, as `1.23 [1.1, 1.4]`."""
+    return f"{ci['mean']:.3g}" + (
+        "" if ci["low"] is None else f" [{ci['low']:.3g}, {ci['high']:.3g}]"
+    )
 
 
 ROW_FIELDS = (
@@ -190,6 +208,8 @@ ROW_FIELDS = (
     "wall_speedup",
     "paper_reached",
     "paper_flops_saving",
+    "test_loss",
+    "test_speedup",
 )
 
 
@@ -224,7 +244,19 @@ def noise_note(best: dict[str, Any], scratch: dict[str, Any]) -> str:
     )
 
 
-def write_best_yaml(study: StudyConfig, best: dict[str, Any], path: Path) -> None:
+def write_best_yaml(
+    study: StudyConfig, best: dict[str, Any], path: Path, confirmed: dict[str, Any] | None = None
+) -> None:
+    """The best trial's run config, headed by what it measured: its confirmed speedup (on the
+    test split when there is one) or the single run's."""
+    if confirmed is not None:
+        key = "test_speedup" if "test_speedup" in confirmed else "speedup"
+        split = "test split" if key == "test_speedup" else "validation split"
+        measured = f"confirmed speedup {_interval(confirmed[key])} on the {split}"
+    elif best.get("test_speedup") is not None:
+        measured = f"speedup {best['test_speedup']:.3g} on the test split (one seed)"
+    else:
+        measured = f"speedup {best.get('speedup') or float('nan'):.3g} (one seed, validation)"
     cfg = materialize(
         study.base,
         best["params"],
@@ -232,7 +264,7 @@ def write_best_yaml(study: StudyConfig, best: dict[str, Any], path: Path) -> Non
         out_dir=str(Path("runs") / f"{study.experiment}-best"),
     )
     path.write_text(
-        f"# Best schedule of study {study.experiment} (trial {best['trial']}).\n"
+        f"# Best schedule of study {study.experiment} (trial {best['trial']}): {measured}.\n"
         f"# Train it: python -m apollo_ray.train {path}\n"
         + yaml.safe_dump(cfg.model_dump(mode="json", exclude={"out_dir"}), sort_keys=False)
     )

@@ -348,11 +348,22 @@ def score(run_metrics: Path, scratch: Scratch) -> dict[str, Any]:
     `saving` = 1 - 1/speedup, the same in seconds (`wall_*`); `bound` says whether they are
     exact (None) or bounds ("lower": the trial ends below the largest scratch run's loss,
     "upper": above the smallest's). `paper_*` is the Apollo paper's metric against the scratch
-    run of the trial's own budget: where the trial first reaches its final loss."""
+    run of the trial's own budget: where the trial first reaches its final loss. All of these
+    read validation (what the search and the confirmation select by); `test_*` read the test
+    split, when the data has one: what a person reads."""
     curve = Curve.from_metrics(run_metrics, name="trial")
     reading = scratch.frontier().read(curve.final_loss, curve.total_flops, curve.total_wall)
     paper = compare(curve, Curve.from_metrics(scratch.full, name="scratch"))
     last = last_eval(run_metrics)
+    test, on_test = scratch.frontier("test_loss"), {}
+    if test is not None and last.get("test_loss") is not None:
+        read = test.read(last["test_loss"], curve.total_flops, curve.total_wall)
+        on_test = {
+            "test_loss": last["test_loss"],
+            "test_speedup": read.speedup,
+            "test_saving": read.saving,
+            "test_bound": read.bound,
+        }
     return {
         "eval_loss": curve.final_loss,
         "eval_loss_se": last.get("eval_loss_se"),
@@ -364,4 +375,5 @@ def score(run_metrics: Path, scratch: Scratch) -> dict[str, Any]:
         "wall_saving": reading.wall_saving,
         "bound": reading.bound,
         **{f"paper_{k}": getattr(paper, k) for k in PAPER_FIELDS},
+        **on_test,
     }

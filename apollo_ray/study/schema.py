@@ -169,7 +169,10 @@ class BaselineConfig(Strict):
         1000, ge=0, description="the seed the sweep trains on (not one of the reading seeds)"
     )
     warmup_steps: int | None = Field(
-        None, ge=0, description="warmup of every run, in steps; null: base's warmup at 1x"
+        None,
+        ge=0,
+        description="warmup of every run, in steps; null: base's at 1x (train.warmup_steps, or "
+        "train.warmup of its steps)",
     )
     decay_fraction: float = Field(
         0.2, gt=0.0, le=1.0, description="wsd: the last fraction of the steps, decayed to zero"
@@ -221,9 +224,10 @@ class StudyConfig(Strict):
         "trials' own budget) must be one of them",
     )
     baseline: BaselineConfig | None = Field(
-        None,
-        description="tune scratch per budget (LR and schedule family) before the frontier is "
-        "read; null: each budget one cosine run at base.train.lr, untuned",
+        default_factory=BaselineConfig,
+        description="how scratch is tuned per budget (LR and schedule family) before the "
+        "frontier is read (default: the sweep below); null: each budget one run at base's LR "
+        "and decay, untuned (quicker, and a saving read against it may be the baseline's)",
     )
     search: SearchConfig = Field(description="trials, sampler, objective, scheduler, space")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")

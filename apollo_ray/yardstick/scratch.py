@@ -24,13 +24,18 @@ class Scratch:
         """The metrics of the scratch run at the trials' own budget (1.0)."""
         return Path(self.runs[1.0])
 
-    def frontier(self) -> Frontier:
+    def frontier(self, loss: str = "eval_loss") -> Frontier | None:
+        """The frontier read by each run's final `loss`: `eval_loss` (the whole validation
+        split: what selects) or `test_loss` (the test split: what a person reads; None when a
+        run has none, its data prepared without a test split)."""
         points = []
         for budget, path in self.runs.items():
-            curve = Curve.from_metrics(path)
-            points.append(
-                FrontierPoint(budget, curve.total_flops, curve.total_wall, curve.final_loss)
-            )
+            rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+            curve = Curve.from_metrics(rows, name=Path(path).parent.name)
+            final = next(r for r in reversed(rows) if "eval_loss" in r)
+            if final.get(loss) is None:
+                return None
+            points.append(FrontierPoint(budget, curve.total_flops, curve.total_wall, final[loss]))
         return Frontier(points)
 
     def sample_frontier(self) -> Frontier:

@@ -24,6 +24,19 @@ def test_object_storage_output_is_refused_clearly(tmp_path, gpt_data, capsys):
     assert "output_dir" in err and "storage_path" in err  # names the field and the way out
 
 
+def test_data_prepared_with_other_held_out_splits_is_refused(tmp_path, gpt_data, capsys):
+    """Data from before the test split (or with other fractions) would select and report on
+    other documents than the study says: refused before anything starts, naming both."""
+    path = tiny_study(tmp_path, gpt_data)
+    data = yaml.safe_load(path.read_text())
+    data["prepare"] = {"sources": ["demo"], "val_fraction": 0.1, "test_fraction": 0.2}
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "test_fraction 0.1, the study's prepare asks for 0.1 and 0.2" in err
+    assert f"remove {gpt_data}" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_search_scores_trials_and_records_failures(tiny_search):
     out = tiny_search / "tiny"

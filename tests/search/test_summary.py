@@ -55,10 +55,14 @@ def test_noise_note_says_when_the_lead_is_inside_the_noise():
 class FakeResult:
     """What `confirmation` reads of a Tune result."""
 
-    def __init__(self, run: int, speedup: float | None, loss: float = 3.0) -> None:
+    def __init__(
+        self, run: int, speedup: float | None, loss: float = 3.0, test: float | None = None
+    ) -> None:
         self.config = {"run": run}
         self.error = None if speedup is not None else RuntimeError("loss is nan")
         self.metrics = {} if speedup is None else {"speedup": speedup, "eval_loss": loss}
+        if test is not None:
+            self.metrics["test_speedup"] = test
 
 
 def test_confirmation_ranks_on_the_means_over_fresh_seeds():
@@ -91,6 +95,24 @@ def test_confirmation_ranks_on_the_means_over_fresh_seeds():
     (b,) = [e for e in confirmed if e["trial"] == "b"]
     assert b["seeds"] == [1, 3] and b["failed_seeds"] == [2]
     assert "failed" not in format_confirmed(confirmed)
+
+
+def test_the_confirmed_speedup_a_person_reads_is_the_test_split_s():
+    """Confirm ranks on validation (what selects) and reports the test split's speedup."""
+    study = StudyConfig.model_validate(
+        {**EXAMPLE_STUDY, "search": {**EXAMPLE_STUDY["search"], "confirm": {"top_k": 2}}}
+    )
+    runs = confirm_runs(study, [{"trial": "a", "params": {}}, {"trial": "b", "params": {}}])
+    validation, test = [1.3, 1.2, 1.25, 1.0, 1.1, 1.05], [1.1, 1.0, 1.05, 1.2, 1.3, 1.25]
+    grid = [FakeResult(i, v, test=t) for i, (v, t) in enumerate(zip(validation, test, strict=True))]
+    confirmed = confirmation(study, runs, grid)
+    assert [e["trial"] for e in confirmed] == ["a", "b"]  # chosen on validation
+    assert confirmed[0]["test_speedups"] == [1.1, 1.0, 1.05]
+    note = confirmed_note(confirmed)
+    assert note.startswith("confirmed best trial a: speedup 1.05") and "on the test split" in note
+    assert "validation, which chose it: speedup 1.25" in note
+    table = format_confirmed(confirmed)
+    assert "speedup (test)" in table and "1.05 [" in table
 
 
 def test_each_trial_says_how_it_ended():

@@ -4,11 +4,13 @@ best setting per budget on validation, and a sweep that extends past a chosen ed
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from conftest import timeless, tiny_run
 
 from apollo_ray.search.baseline import baseline_key
-from apollo_ray.search.sweep import Setting, choose, edge_lrs, scratch_run, wsd_runs
+from apollo_ray.search.sweep import Setting, choose, edge_lrs, scratch_run, sweep, wsd_runs
 from apollo_ray.training.trainer import Trainer
 
 
@@ -58,3 +60,26 @@ def test_each_budget_takes_its_best_setting_and_the_sweep_extends_past_an_edge()
     assert edge_lrs({0.5: Setting("wsd", 2e-3)}, lrs) == []
     with pytest.raises(ValueError, match="no sweep run at 2x"):
         choose(losses, [2.0])
+
+
+def test_the_sweep_extends_past_a_chosen_edge_then_tries_cosine_near_1x():
+    """The loop on a known loss surface (each LR's loss is its distance from the best LR per
+    budget, in octaves): the sweep extends until every choice lies inside it."""
+    best = {0.25: 4e-3, 1.0: 3.2e-2, 2.0: 3.2e-2}  # 1x and 2x: two octaves past the top
+    trained = []
+
+    def train(setting, budgets):
+        trained.append(setting)
+        bonus = 0.01 if setting.family == "cosine" else 0.0
+        return {b: 3 + abs(math.log2(setting.lr / best[b])) - bonus * (b == 1.0) for b in budgets}
+
+    found = sweep(train, [1e-3, 2e-3, 4e-3, 8e-3], list(best), extend=2)
+    assert found.chosen_wsd == {b: Setting("wsd", lr) for b, lr in best.items()}
+    assert found.chosen == {**found.chosen_wsd, 1.0: Setting("cosine", 3.2e-2)}
+    assert [s.lr for s in trained if s.family == "wsd"] == [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]
+    assert {s for s in trained if s.family == "cosine"} == {
+        Setting("cosine", 4e-3),
+        Setting("cosine", 3.2e-2),
+    }
+    found = sweep(train, [1e-3, 2e-3, 4e-3, 8e-3], list(best), extend=1, cosine=False)
+    assert found.chosen[2.0] == Setting("wsd", 1.6e-2)  # still at the edge: extend ran out
