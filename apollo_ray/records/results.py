@@ -125,13 +125,16 @@ def log_study_results(
         b = best[0]
         client.set_tag(parent, "apollo.best_trial", b["trial"])
         now = int(time.time() * 1000)
-        keys = ("eval_loss", "saving", "speedup", "flops")
-        values = {f"best_{k}": b[k] for k in keys if b[k] is not None}
+        keys = ("eval_loss", "saving", "speedup", "flops", "test_loss", "test_speedup")
+        values = {f"best_{k}": b[k] for k in keys if b.get(k) is not None}
         confirmed = (summary.get("confirmed") or [{}])[0]
         if confirmed.get("trial") == b["trial"] and "speedup" in confirmed:
-            ci = confirmed["speedup"]
-            values |= {"confirmed_speedup": ci["mean"], "confirmed_seeds": ci["n"]}
-            values |= {f"confirmed_speedup_{k}": ci[k] for k in ("low", "high") if ci[k]}
+            values["confirmed_seeds"] = confirmed["speedup"]["n"]
+            for key in ("speedup", "test_speedup"):  # validation (it chose), test (it reports)
+                if key in confirmed:
+                    ci = confirmed[key]
+                    values[f"confirmed_{key}"] = ci["mean"]
+                    values |= {f"confirmed_{key}_{k}": ci[k] for k in ("low", "high") if ci[k]}
         client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in values.items()])
     with tempfile.TemporaryDirectory() as tmp:
         if done:
@@ -154,15 +157,19 @@ def log_study_results(
         client.log_artifacts(parent, tmp, "plots")
     if best:
         try:
-            register_best(record, study, best[0]["trial"])
+            measured = {k: f"{v:.4g}" for k, v in values.items() if "test" in k}
+            register_best(record, study, best[0]["trial"], measured)
         except Exception as e:  # the study itself is complete: say so, do not fail it
             print(f"mlflow: best model not registered: {e}", file=sys.stderr)
 
 
-def register_best(record: StudyRecord, study: StudyConfig, trial: str) -> None:
+def register_best(
+    record: StudyRecord, study: StudyConfig, trial: str, measured: dict[str, str] | None = None
+) -> None:
     """Export the best trial's final checkpoint as a Hugging Face model folder (loadable with
     `from_pretrained`), log it to the trial's run as `model/` and register it as a new version
-    of the registered model named after the experiment."""
+    of the registered model named after the experiment, tagged with what it `measured` on the
+    test split (`best_test_speedup`, `confirmed_test_speedup`, ...)."""
     client = record.client()
     run = find_run(client, record.experiment_id, **{TRIAL: trial})
     final = checkpoint_name(study.base.train.steps)
@@ -186,7 +193,7 @@ def register_best(record: StudyRecord, study: StudyConfig, trial: str) -> None:
         study.experiment,
         source=f"{run.info.artifact_uri}/model",
         run_id=run.info.run_id,
-        tags={"trial": trial, "format": "huggingface"},
+        tags={"trial": trial, "format": "huggingface", **(measured or {})},
     )
     print(
         f"mlflow: registered models:/{study.experiment}/{version.version} (trial {trial})",

@@ -27,9 +27,11 @@ __all__ = [
     "noise_note",
     "pareto_front",
     "ranking",
+    "read_baseline",
     "summarize",
     "text_table",
     "trial_rows",
+    "tuning_note",
 ]
 
 
@@ -146,6 +148,8 @@ def summarize(
         best = [row]
         notes.append(confirmed_note(confirmed, full.get("eval_loss_se")))
     notes.insert(0, noise_note(best[0], full) if best else "no trial finished")
+    baseline = read_baseline(study)
+    notes.append(tuning_note(baseline, len(rows), len(confirmed or [])))
     summary = {
         "experiment": study.experiment,
         "objective": study.search.objective,
@@ -156,6 +160,7 @@ def summarize(
         "scratch": {
             k: full.get(k) for k in ("eval_loss", "eval_loss_se", "test_loss", "test_loss_se")
         },
+        "baseline": baseline,
         "note": "\n".join(notes),
     }
     out = Path(study.study_dir)
@@ -170,6 +175,34 @@ def summarize(
     (out / "summary.txt").write_text(table + "\n")
     print(table)
     return summary
+
+
+def read_baseline(study: StudyConfig) -> dict[str, Any] | None:
+    """What tuned scratch (`<study_dir>/baseline.json`, `search.baseline.tuned`): the choice
+    per budget, the tuning count and the any-checkpoint check's flags; None when untuned."""
+    path = Path(study.study_dir) / "baseline.json"
+    if study.baseline is None or not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return {k: record[k] for k in ("chosen", "tuning_runs", "flags")}
+
+
+def tuning_note(baseline: dict[str, Any] | None, trials: int, confirmed: int) -> str:
+    """How hard each side was tuned, side by side, and whether the frontier is scratch's best
+    at every compute (the any-checkpoint check)."""
+    method = f"the search {trials} trials" + (
+        f" and {confirmed} confirmed with fresh seeds" if confirmed else ""
+    )
+    if baseline is None:
+        return f"tuning: scratch untuned (baseline: null), {method}"
+    lines = [f"tuning: scratch {baseline['tuning_runs']} sweep and frontier runs, {method}"]
+    for flag in baseline["flags"][:3]:
+        lines.append(
+            f"any-checkpoint check: scratch {flag['run']} at step {flag['step']} is "
+            f"{flag['by']:.3f} nats below the frontier at its compute: the frontier is not "
+            "scratch's best there, and speedups read near that compute are overstated"
+        )
+    return "\n".join(lines)
 
 
 def format_confirmed(confirmed: list[dict[str, Any]]) -> str:

@@ -159,6 +159,9 @@ def test_search_is_recorded_in_mlflow(tiny_search):
     assert study.data.metrics["confirmed_speedup"] == pytest.approx(ci["mean"])
     assert study.data.metrics["confirmed_speedup_low"] == pytest.approx(ci["low"])
     assert study.data.metrics["best_speedup"] == pytest.approx(best["speedup"])
+    test = summary["confirmed"][0]["test_speedup"]  # chosen on validation, reported on test
+    assert study.data.metrics["confirmed_test_speedup"] == pytest.approx(test["mean"])
+    assert study.data.metrics["best_test_loss"] == pytest.approx(best["test_loss"])
     artifacts = {a.path for a in client.list_artifacts(study.info.run_id, "summary")}
     assert artifacts == {"summary/summary.json", "summary/summary.txt", "summary/best.yaml"}
     assert [a.path for a in client.list_artifacts(study.info.run_id, "study")] == [
@@ -175,6 +178,8 @@ def test_best_model_is_registered_in_hugging_face_format(tiny_search, tmp_path):
     (version,) = client.search_model_versions("name = 'tiny'")
     best = json.loads((tiny_search / "tiny" / "summary.json").read_text())["best"][0]
     assert version.tags["trial"] == best["trial"]
+    assert float(version.tags["best_test_speedup"]) == pytest.approx(best["test_speedup"], 1e-3)
+    assert "confirmed_test_speedup" in version.tags
     source = client.get_model_version_download_uri("tiny", version.version)
     local = download_artifacts(artifact_uri=source, dst_path=str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(local)

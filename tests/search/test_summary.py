@@ -13,6 +13,7 @@ from apollo_ray.search.summary import (
     pareto_front,
     ranking,
     trial_rows,
+    tuning_note,
 )
 from apollo_ray.search.tuner import confirm_runs
 from apollo_ray.study.schema import StudyConfig
@@ -134,3 +135,18 @@ def test_each_trial_says_how_it_ended():
         "c3": "stopped early",
         "d4": "failed: ActorDiedError: worker died",
     }
+
+
+def test_the_tuning_of_both_sides_and_the_flags_are_said():
+    baseline = {
+        "chosen": {"1": {"family": "wsd", "lr": 2e-3}},
+        "tuning_runs": 26,
+        "flags": [{"run": "scratch-1x-wsd-lr0.002-seed1000", "step": 600, "by": 0.2}],
+    }
+    note = tuning_note(baseline, 12, 1)
+    assert note.startswith("tuning: scratch 26 sweep and frontier runs, the search 12 trials")
+    assert "and 1 confirmed" in note
+    assert "scratch-1x-wsd-lr0.002-seed1000 at step 600 is 0.200 nats below" in note
+    assert (
+        tuning_note(None, 5, 0) == "tuning: scratch untuned (baseline: null), the search 5 trials"
+    )
