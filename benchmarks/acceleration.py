@@ -147,45 +147,13 @@ PRESETS = {
         32,
         8,
         {"gpt": 3e-3, "bert": 3e-3},
-        1.0,
+        0.5,
         (1 / 2, 1, 2),
         1 / 2,
         evals=4,
         eval_batches=2,
     ),
 }
-
-
-def arm_schedules(n_layer: int, steps: int) -> dict[str, dict[str, Any]]:
-    """The schedule of every arm for depth `n_layer` and a budget of `steps` (see the module
-    docstring); depths are the release's 1, 3, 6, 12 scaled to `n_layer`."""
-    quarter, half = max(1, n_layer // 4), max(1, n_layer // 2)
-    if not 1 < quarter < half < n_layer:
-        raise ValueError(f"the arms need a depth of at least 8 layers, got {n_layer}")
-    release = {
-        "depths": [1, quarter, half, n_layer],
-        "stage_ends": [0.05, 0.10, 0.25],
-        "sampler": "apollo",
-        "plan": "interp",
-        "growth": "interpolate",
-        "alpha": 0.0,
-        "optimizer_state": "slot",
-    }
-    return {
-        "release": release,
-        "fresh-moments": release | {"optimizer_state": "fresh"},
-        "copied-moments": release | {"optimizer_state": "copy"},
-        "rewarmup": release | {"rewarmup_steps": max(1, round(0.025 * steps))},
-        "rewind": release | {"lr_rewind": True},
-        f"start-{quarter}": release
-        | {"depths": [quarter, half, n_layer], "stage_ends": [0.1, 0.25]},
-        f"start-{half}": release | {"depths": [half, n_layer], "stage_ends": [0.25]},
-        "stack": release | {"plan": "stack", "growth": "stack"},
-        "stages-i": release | {"stage_ends": [0.1, 0.3, 0.6]},
-    }
-
-
-ARMS = list(arm_schedules(8, 1000))
 
 
 def arm_schedules(n_layer: int, steps: int) -> dict[str, dict[str, Any]]:
@@ -482,19 +450,17 @@ class Bench:
         result = self.finished[name]
         if str(step) in result.checkpoint_test:
             return result.checkpoint_test[str(step)]
-        cfg = self.config_of(name)
-        path = cfg.output_dir / CHECKPOINTS / f"{checkpoint_name(step)}.pt"
-        if not path.exists():
+        saved = self.run_root / name / "config.json"
+        path = self.run_root / name / CHECKPOINTS / f"{checkpoint_name(step)}.pt"
+        if not (saved.exists() and path.exists()):  # its run folder is gone
             return None
+        cfg = RunConfig.model_validate_json(saved.read_text())
         with tempfile.TemporaryDirectory() as tmp:  # a reader: it resumes nothing
             reader = Trainer(alone(cfg).model_copy(update={"out_dir": tmp}), progress=False)
             read = reader.read_checkpoint(load_checkpoint(path))
         result.checkpoint_test[str(step)] = read["test_loss"]
         self.save(cfg, result)
         return read["test_loss"]
-
-    def config_of(self, name: str) -> RunConfig:
-        return RunConfig.model_validate_json((self.run_root / name / "config.json").read_text())
 
 
 def _key(cfg: RunConfig, manifest: str) -> str:

@@ -34,7 +34,7 @@ def test_arms_scale_the_released_recipe_and_vary_one_lever_each():
         accel.arm_schedules(4, 1000)
 
 
-@pytest.mark.slow  # trains about 40 toy runs (~60 s)
+@pytest.mark.slow  # trains about 40 toy runs of 25-100 steps
 def test_benchmark_tunes_scratch_reads_test_and_resumes_from_its_cache(
     gpt_data, tmp_path, monkeypatch, capsys
 ):
@@ -44,7 +44,7 @@ def test_benchmark_tunes_scratch_reads_test_and_resumes_from_its_cache(
     accel.main([*argv, "--arms", "release", "rewind", "--quiet"])
     out = json.loads((tmp_path / "results" / "acceleration-gpt-toy.json").read_text())
     regime = out["regime"]
-    assert regime["tokens_per_param"] >= 1 and regime["unigram_entropy"] > 0
+    assert regime["tokens_per_param"] >= 0.5 and regime["unigram_entropy"] > 0
     budgets = list(accel.PRESETS["toy"].frontier)
     assert [r["budget"] for r in out["frontier"]] == budgets
 
