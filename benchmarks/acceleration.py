@@ -265,8 +265,8 @@ class Bench:
         return max(1, round(budget * self.steps))
 
     def base(self) -> RunConfig:
-        """The full-budget scratch run the others derive from: every evaluation's checkpoint
-        kept (a scratch point below the frontier is read on test from it)."""
+        """The full-budget scratch run the others derive from (`scratch_run` keeps every
+        evaluation's checkpoint: a scratch point below the frontier is read on test from it)."""
         p = self.preset
         every = max(1, self.steps // p.evals)
         return RunConfig.model_validate(
@@ -290,8 +290,6 @@ class Bench:
                     "eval_every": every,
                     "eval_batches": p.eval_batches,
                     "final_eval_tokens": 10**9,  # the whole validation and test splits
-                    "checkpoint_every": every,
-                    "keep_checkpoints": 10**6,
                     "log_every": max(1, self.steps // 100),
                 },
             }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,14 @@ from apollo_ray.records.results import log_frontier, log_run_results
 from apollo_ray.records.tracking import KIND, STUDY, StudyRecord, group_run, tracked_run
 from apollo_ray.search.sweep import Setting, alone, scratch_run, wsd_runs
 from apollo_ray.search.sweep import sweep as tune
-from apollo_ray.storage import exists, join_uri
+from apollo_ray.storage import exists, fetch, join_uri
 from apollo_ray.study.schema import BASELINES, StudyConfig
-from apollo_ray.training.checkpoints import CHECKPOINT_FILE
+from apollo_ray.training.checkpoints import CHECKPOINT_FILE, checkpoint_name
+from apollo_ray.training.checkpoints import load as load_checkpoint
+from apollo_ray.training.optim import decay_start
 from apollo_ray.training.runlog import METRICS, last_eval, read_rows
-from apollo_ray.yardstick.envelope import check, sample_points
+from apollo_ray.training.trainer import Trainer
+from apollo_ray.yardstick.envelope import EvalPoint, Flag, check, sample_points
 from apollo_ray.yardstick.scratch import Scratch
 
 __all__ = [
@@ -101,9 +105,11 @@ def ensure_frontier(study: StudyConfig, record: StudyRecord | None = None) -> Sc
 def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
     """The tuned frontier: the wsd sweep over the LRs (extended past a chosen edge), cosine at
     the chosen LR for the budgets from 1/4 to 1x, on the sweep seed; the best setting per
-    budget on validation, trained on the base seed. Every run and the choice are written to
-    `<study_dir>/baseline.json`, with the any-checkpoint check's flags
-    (`apollo_ray/yardstick/envelope.py`)."""
+    budget on validation, trained on the base seed. The any-checkpoint check
+    (`apollo_ray/yardstick/envelope.py`) holds every scratch evaluation against that frontier;
+    each flagged point is read from its checkpoint on validation and test and joins the
+    frontier (its lower envelope). Every run, the choice and the flags are written to
+    `<study_dir>/baseline.json`."""
     sweep, base, budgets = study.baseline, study.base, study.frontier
     warmup = sweep.warmup_steps
     if warmup is None:  # base's at 1x
@@ -112,6 +118,7 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
         warmup = round(base.train.warmup * base.train.steps)
     lrs = list(sweep.lrs or [base.train.lr * f for f in (0.5, 1.0, 2.0, 4.0)])
     trained: list[dict[str, Any]] = []
+    configs: dict[str, RunConfig] = {}  # by run folder: what the flagged points are read with
 
     def train(setting: Setting, seed: int, among: list[float], role: str) -> dict[float, dict]:
         """Train (or reuse) `setting`'s runs of the budgets `among` on `seed`: budget -> its
@@ -145,6 +152,7 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
                 "test_loss": final.get("test_loss"),
             }
             trained.append(record)
+            configs[record["run"]] = cfg
             done[budget] = {**record, "metrics": metrics}
         return done
 
@@ -160,41 +168,60 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
         for budget, run in train(setting, base.seed, among, "frontier").items():
             reading[budget] = str(run["metrics"])
     scratch = Scratch(reading)
-    _write_baseline(study, chosen, found.chosen_wsd, trained, scratch)
-    return scratch
-
-
-def _write_baseline(
-    study: StudyConfig,
-    chosen: dict[float, Setting],
-    chosen_wsd: dict[float, Setting],
-    trained: list[dict],
-    scratch: Scratch,
-) -> None:
-    """`<study_dir>/baseline.json`: the choice per budget, every scratch run the tuning trained
-    (its cost in steps: a branch trains only its decay), and the any-checkpoint check."""
-    points = {  # a branch repeats its trunk's points up to the fork: each once
-        (p.step, p.flops, p.loss): p
-        for run in sorted({r["run"] for r in trained})
-        for p in sample_points(run, read_rows(Path(study.baselines_dir) / run / METRICS))
-    }.values()
-    flags = check(scratch.sample_frontier(), points)
-    for flag in flags[:3]:
-        print(
-            f"scratch {flag.point.run} at step {flag.point.step} is {flag.by:.3f} nats below the "
-            "frontier at its compute: the frontier is not scratch's best there",
-            file=sys.stderr,
-        )
+    flags = _check(study, configs, scratch)
+    read = [_read_checkpoint(study, configs[f.point.run], f.point) for f in flags]
     payload = {
         "chosen": {f"{b:g}": {"family": s.family, "lr": s.lr} for b, s in chosen.items()},
-        "chosen_wsd": {f"{b:g}": s.lr for b, s in chosen_wsd.items()},
+        "chosen_wsd": {f"{b:g}": s.lr for b, s in found.chosen_wsd.items()},
         "runs": trained,
         "tuning_runs": len({r["run"] for r in trained}),
-        "flags": [f.as_dict() for f in flags],
+        "flags": [f.as_dict() | (r or {"read": None}) for f, r in zip(flags, read, strict=True)],
+        "reading": "lower envelope" if any(read) else "frontier",
     }
     path = Path(study.study_dir) / "baseline.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    return Scratch(reading, tuple(r for r in read if r))
+
+
+def _check(study: StudyConfig, configs: dict[str, RunConfig], scratch: Scratch) -> list[Flag]:
+    """The any-checkpoint check over every evaluation of every scratch run the tuning trained
+    (`configs`, by run folder; a branch's rows up to its fork are its trunk's, checked there),
+    on the fixed validation sample; the first flags said on stderr."""
+    points = []
+    for run, cfg in sorted(configs.items()):
+        forked = decay_start(cfg.train) if cfg.train.fork_from else -1
+        rows = read_rows(Path(study.baselines_dir) / run / METRICS)
+        points += [p for p in sample_points(run, rows) if p.step > forked]
+    flags = check(scratch.sample_frontier(), points)
+    for flag in flags[:3]:
+        print(
+            f"scratch {flag.point.run} at step {flag.point.step} is {flag.by:.3f} nats below the "
+            "frontier at its compute: the frontier is not scratch's best there, so speedups "
+            "are read against the lower envelope",
+            file=sys.stderr,
+        )
+    return flags
+
+
+def _read_checkpoint(study: StudyConfig, cfg: RunConfig, point: EvalPoint) -> dict | None:
+    """A flagged scratch point read like a finished run, from the checkpoint its run kept at
+    that step: its losses on the whole validation and test splits (None: no such checkpoint,
+    a run trained before scratch runs kept every evaluation's)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / CHECKPOINT_FILE
+        if not fetch(_where(study, cfg, checkpoint_name(point.step)), local):
+            return None
+        reader = Trainer(alone(cfg).model_copy(update={"out_dir": tmp}), progress=False)
+        read = reader.read_checkpoint(load_checkpoint(local))
+    return {
+        "run": point.run,
+        "step": point.step,
+        "flops": point.flops,
+        "wall": point.wall,
+        "eval_loss": read["eval_loss"],
+        "test_loss": read.get("test_loss"),
+    }
 
 
 def _placed(study: StudyConfig, cfg: RunConfig) -> RunConfig:

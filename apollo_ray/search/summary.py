@@ -197,10 +197,15 @@ def tuning_note(baseline: dict[str, Any] | None, trials: int, confirmed: int) ->
         return f"tuning: scratch untuned (baseline: null), {method}"
     lines = [f"tuning: scratch {baseline['tuning_runs']} sweep and frontier runs, {method}"]
     for flag in baseline["flags"][:3]:
+        read = (
+            "speedups are read against the lower envelope with it"
+            if flag.get("eval_loss") is not None
+            else "its checkpoint was not kept, so speedups read near that compute are overstated"
+        )
         lines.append(
             f"any-checkpoint check: scratch {flag['run']} at step {flag['step']} is "
             f"{flag['by']:.3f} nats below the frontier at its compute: the frontier is not "
-            "scratch's best there, and speedups read near that compute are overstated"
+            f"scratch's best there; {read}"
         )
     return "\n".join(lines)
 

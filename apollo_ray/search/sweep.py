@@ -28,6 +28,7 @@ from apollo_ray.training.optim import decay_start
 __all__ = ["Setting", "Sweep", "alone", "choose", "edge_lrs", "scratch_run", "sweep", "wsd_runs"]
 
 Family = Literal["wsd", "cosine"]
+KEEP_ALL = 10**6  # train.keep_checkpoints of a scratch run: every evaluation's checkpoint
 
 
 @dataclass(frozen=True, order=True)
@@ -50,7 +51,9 @@ def scratch_run(
     decay_fraction: float = 0.2,
 ) -> RunConfig:
     """The scratch run of `budget` times base's steps with `setting` on `seed`: base without a
-    schedule, its warmup `warmup_steps` long whatever the budget, named for what it is."""
+    schedule, its warmup `warmup_steps` long whatever the budget, named for what it is. It
+    keeps the checkpoint of every evaluation: a point the any-checkpoint check flags is read
+    from it on validation and test like a finished run (`Trainer.read_checkpoint`)."""
     data = base.model_dump()
     steps = round(budget * base.train.steps)
     data["train"] |= {
@@ -60,6 +63,8 @@ def scratch_run(
         "warmup_steps": warmup_steps,
         "decay_fraction": decay_fraction,
         "min_lr_ratio": 0.0,
+        "checkpoint_every": base.train.eval_every,
+        "keep_checkpoints": KEEP_ALL,
     }
     name = f"scratch-{budget:g}x-{setting.family}-lr{setting.lr:.3g}-seed{seed}"
     return RunConfig.model_validate(data | {"schedule": None, "seed": seed, "name": name})

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from apollo_ray.yardstick.acceleration import Curve
+from apollo_ray.yardstick.envelope import EvalPoint, lower_envelope
 from apollo_ray.yardstick.frontier import Frontier, FrontierPoint
 
 __all__ = ["Scratch"]
@@ -15,9 +17,13 @@ __all__ = ["Scratch"]
 
 @dataclass(frozen=True)
 class Scratch:
-    """The study's scratch runs, by budget: where each one's metrics.jsonl is."""
+    """The study's scratch runs, by budget: where each one's metrics.jsonl is; and the scratch
+    checkpoints the any-checkpoint check found below the frontier, each read like a finished
+    run (`run`, `step`, `flops`, `wall`, `eval_loss`, `test_loss`): the frontier is their
+    lower envelope with the runs (`envelope.lower_envelope`)."""
 
     runs: dict[float, str]
+    checkpoints: tuple[dict[str, Any], ...] = ()
 
     @property
     def full(self) -> Path:
@@ -36,7 +42,12 @@ class Scratch:
             if final.get(loss) is None:
                 return None
             points.append(FrontierPoint(budget, curve.total_flops, curve.total_wall, final[loss]))
-        return Frontier(points)
+        extra = [
+            EvalPoint(c["run"], c["step"], c["flops"], c["wall"], c[loss])
+            for c in self.checkpoints
+            if c.get(loss) is not None
+        ]
+        return lower_envelope(Frontier(points), extra) if extra else Frontier(points)
 
     def sample_frontier(self) -> Frontier:
         """The frontier on the fixed validation sample that every evaluation reads (each run's

@@ -4,15 +4,23 @@ cached runs reused without training."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 
-from conftest import EXAMPLE_STUDY, tiny_study, write_metrics
+from conftest import EXAMPLE_STUDY, metrics_rows, tiny_study, write_metrics
 
 from apollo_ray.config import RunConfig
+from apollo_ray.search import baseline
 from apollo_ray.search.baseline import baseline_key, ensure_frontier, frontier_configs
+from apollo_ray.search.sweep import KEEP_ALL, Setting, scratch_run
+from apollo_ray.storage import join_uri
 from apollo_ray.study.fields import flatten
-from apollo_ray.study.schema import StudyConfig, load_study
+from apollo_ray.study.schema import BASELINES, StudyConfig, load_study
+from apollo_ray.training.checkpoints import StorageStore
+from apollo_ray.training.trainer import Trainer
+from apollo_ray.yardstick.envelope import EvalPoint
+from apollo_ray.yardstick.scratch import Scratch
 
 
 def good_study(data_path) -> StudyConfig:
@@ -83,3 +91,43 @@ def test_cached_frontier_is_reused_without_training(tmp_path, gpt_data):
     frontier = scratch.frontier()
     assert [p.budget for p in frontier.points] == study.frontier
     assert [p.loss for p in frontier.points] == [8.0 - b for b in study.frontier]
+
+
+def test_a_flagged_scratch_point_is_read_from_its_checkpoint_and_joins_the_frontier(
+    tmp_path, gpt_data
+):
+    """The product's any-checkpoint reading, without Ray: a tuned scratch run keeps every
+    evaluation's checkpoint in the study's storage; a flagged point is read from it on
+    validation and test like a finished run, and the frontier becomes the lower envelope."""
+    study = load_study(tiny_study(tmp_path, gpt_data))
+    cfg = baseline._placed(
+        study, scratch_run(study.base, 1.0, Setting("wsd", 3e-3), 0, warmup_steps=2)
+    )
+    assert cfg.train.checkpoint_every == cfg.train.eval_every  # every evaluation's kept
+    store = StorageStore(join_uri(study.storage(BASELINES), cfg.output_dir.name), KEEP_ALL)
+    Trainer(cfg, progress=False, store=store).fit()
+    rows = metrics_rows(cfg.output_dir)
+    final = rows[-1]
+    point = EvalPoint(cfg.output_dir.name, final["step"], final["flops"], 9.0, 1.0)
+    read = baseline._read_checkpoint(study, cfg, point)
+    assert read["eval_loss"] == final["eval_loss"] and read["test_loss"] == final["test_loss"]
+    early = next(r for r in rows if "eval_loss" in r and 0 < r["step"] < final["step"])
+    gone = dataclasses.replace(point, step=early["step"] + 1)  # no checkpoint at that step
+    assert baseline._read_checkpoint(study, cfg, gone) is None
+
+    runs = {
+        b: str(write_metrics(tmp_path / f"{b}.jsonl", [(0, 9.0), (10 * b, 8.0 - b)]))
+        for b in (0.5, 1.0)
+    }
+    plain = Scratch(runs)
+    below = {
+        "run": "r",
+        "step": 3,
+        "flops": 5.0 * 1.5,
+        "wall": 1.0,
+        "eval_loss": 7.0,
+        "test_loss": None,
+    }
+    envelope = Scratch(runs, (below,))
+    assert plain.frontier().loss_at(7.5) > 7.0 and envelope.frontier().loss_at(7.5) == 7.0
+    assert envelope.frontier("test_loss") is None  # these metrics have no test split

@@ -147,6 +147,9 @@ def test_the_tuning_of_both_sides_and_the_flags_are_said():
     assert note.startswith("tuning: scratch 26 sweep and frontier runs, the search 12 trials")
     assert "and 1 confirmed" in note
     assert "scratch-1x-wsd-lr0.002-seed1000 at step 600 is 0.200 nats below" in note
+    assert "not kept, so speedups read near that compute are overstated" in note
+    baseline["flags"][0] |= {"eval_loss": 2.2, "test_loss": 2.3}
+    assert "read against the lower envelope with it" in tuning_note(baseline, 12, 1)
     assert (
         tuning_note(None, 5, 0) == "tuning: scratch untuned (baseline: null), the search 5 trials"
     )
