@@ -138,6 +138,9 @@ def test_the_frontier_is_tuned_per_budget(ray_cluster, tmp_path, gpt_data):
     reading = {f"{r['budget']:g}": r for r in record["runs"] if r["role"] == "frontier"}
     assert set(reading) == {"0.5", "1"} and all(r["seed"] == 0 for r in reading.values())
     assert record["tuning_runs"] == len({r["run"] for r in record["runs"]})
-    assert isinstance(record["flags"], list)
+    # every flagged point was read from the checkpoint its run kept, and joined the frontier
+    assert all(f["eval_loss"] is not None and f["test_loss"] is not None for f in record["flags"])
+    assert record["reading"] == ("lower envelope" if record["flags"] else "frontier")
+    assert len(scratch.checkpoints) == len(record["flags"])
     assert sorted(scratch.runs) == [0.5, 1.0]
     assert all(reading[f"{b:g}"]["run"] in path for b, path in scratch.runs.items())
