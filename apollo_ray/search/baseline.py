@@ -18,16 +18,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from apollo_ray.config import RunConfig
-from apollo_ray.data import load_manifest
+from apollo_ray.config import ConfigError, RunConfig
+from apollo_ray.data import DataError, load_manifest
 from apollo_ray.launch import distributed, solo
 from apollo_ray.records.results import log_frontier, log_run_results
 from apollo_ray.records.tracking import KIND, STUDY, StudyRecord, group_run, tracked_run
-from apollo_ray.search.sweep import Setting, alone, scratch_run, wsd_runs
+from apollo_ray.search.sweep import KEEP_ALL, Setting, alone, scratch_run, wsd_runs
 from apollo_ray.search.sweep import sweep as tune
 from apollo_ray.storage import exists, fetch, join_uri
 from apollo_ray.study.schema import BASELINES, StudyConfig
-from apollo_ray.training.checkpoints import CHECKPOINT_FILE, checkpoint_name
+from apollo_ray.training.checkpoints import (
+    CHECKPOINT_FILE,
+    StorageStore,
+    checkpoint_name,
+    is_periodic,
+)
 from apollo_ray.training.checkpoints import load as load_checkpoint
 from apollo_ray.training.optim import decay_start
 from apollo_ray.training.runlog import METRICS, last_eval, read_rows
@@ -152,7 +157,7 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
                 "test_loss": final.get("test_loss"),
             }
             trained.append(record)
-            configs[record["run"]] = cfg
+            configs.setdefault(record["run"], cfg)  # as first trained (a seed can repeat)
             done[budget] = {**record, "metrics": metrics}
         return done
 
@@ -168,8 +173,12 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
         for budget, run in train(setting, base.seed, among, "frontier").items():
             reading[budget] = str(run["metrics"])
     scratch = Scratch(reading)
-    flags = _check(study, configs, scratch)
+    samples = {  # the finished runs of each budget's choice, on any seed: the frontier itself
+        r["run"] for r in trained if chosen[r["budget"]] == Setting(r["family"], r["lr"])
+    }
+    flags = _check(study, configs, scratch, samples)
     read = [_read_checkpoint(study, configs[f.point.run], f.point) for f in flags]
+    _keep_what_was_read(study, configs, flags)
     payload = {
         "chosen": {f"{b:g}": {"family": s.family, "lr": s.lr} for b, s in chosen.items()},
         "chosen_wsd": {f"{b:g}": s.lr for b, s in found.chosen_wsd.items()},
@@ -184,15 +193,20 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
     return Scratch(reading, tuple(r for r in read if r))
 
 
-def _check(study: StudyConfig, configs: dict[str, RunConfig], scratch: Scratch) -> list[Flag]:
+def _check(
+    study: StudyConfig, configs: dict[str, RunConfig], scratch: Scratch, samples: set[str]
+) -> list[Flag]:
     """The any-checkpoint check over every evaluation of every scratch run the tuning trained
     (`configs`, by run folder; a branch's rows up to its fork are its trunk's, checked there),
-    on the fixed validation sample; the first flags said on stderr."""
+    on the fixed validation sample, but the final points of `samples` (runs of a budget's
+    chosen setting: samples of the frontier itself, whose seed noise is no flag); the first
+    flags said on stderr."""
     points = []
     for run, cfg in sorted(configs.items()):
         forked = decay_start(cfg.train) if cfg.train.fork_from else -1
+        last = cfg.train.steps if run in samples else None
         rows = read_rows(Path(study.baselines_dir) / run / METRICS)
-        points += [p for p in sample_points(run, rows) if p.step > forked]
+        points += [p for p in sample_points(run, rows) if forked < p.step != last]
     flags = check(scratch.sample_frontier(), points)
     for flag in flags[:3]:
         print(
@@ -212,8 +226,12 @@ def _read_checkpoint(study: StudyConfig, cfg: RunConfig, point: EvalPoint) -> di
         local = Path(tmp) / CHECKPOINT_FILE
         if not fetch(_where(study, cfg, checkpoint_name(point.step)), local):
             return None
-        reader = Trainer(alone(cfg).model_copy(update={"out_dir": tmp}), progress=False)
-        read = reader.read_checkpoint(load_checkpoint(local))
+        try:
+            reader = Trainer(alone(cfg).model_copy(update={"out_dir": tmp}), progress=False)
+            read = reader.read_checkpoint(load_checkpoint(local))
+        except (ConfigError, DataError, OSError, ValueError, RuntimeError) as e:
+            print(f"scratch {point.run} at step {point.step}: not read ({e})", file=sys.stderr)
+            return None
     return {
         "run": point.run,
         "step": point.step,
@@ -222,6 +240,20 @@ def _read_checkpoint(study: StudyConfig, cfg: RunConfig, point: EvalPoint) -> di
         "eval_loss": read["eval_loss"],
         "test_loss": read.get("test_loss"),
     }
+
+
+def _keep_what_was_read(
+    study: StudyConfig, configs: dict[str, RunConfig], flags: list[Flag]
+) -> None:
+    """Once the check has read what it flagged, each scratch run keeps only its final, branch
+    and flagged checkpoints: every evaluation's, of a large model, would fill the bucket."""
+    flagged = {(f.point.run, checkpoint_name(f.point.step)) for f in flags}
+    for run, cfg in configs.items():
+        store = StorageStore(join_uri(study.storage(BASELINES), run), KEEP_ALL)
+        final = checkpoint_name(cfg.train.steps)
+        store.drop(
+            n for n in store.names() if is_periodic(n) and n != final and (run, n) not in flagged
+        )
 
 
 def _placed(study: StudyConfig, cfg: RunConfig) -> RunConfig:

@@ -14,7 +14,7 @@ import io
 import os
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -218,6 +218,11 @@ class StorageStore:
         files = [i.path for i in self.fs.get_file_info(selector)]
         names = [p.rsplit("/", 2)[-2] for p in files if p.endswith(f"/{CHECKPOINT_FILE}")]
         return sorted((n for n in names if is_checkpoint(n)), key=name_order)
+
+    def drop(self, names: Iterable[str]) -> None:
+        """Delete these checkpoints from the run's storage."""
+        for name in names:
+            self.fs.delete_dir(f"{self.root}/{name}")
 
     def latest(self) -> dict[str, Any] | None:
         """The newest checkpoint in the run's storage that loads (a file cut short is skipped)."""

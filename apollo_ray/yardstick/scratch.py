@@ -36,7 +36,7 @@ class Scratch:
         run has none, its data prepared without a test split)."""
         points = []
         for budget, path in self.runs.items():
-            rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+            rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
             curve = Curve.from_metrics(rows, name=Path(path).parent.name)
             final = next(r for r in reversed(rows) if "eval_loss" in r)
             if final.get(loss) is None:
@@ -55,7 +55,7 @@ class Scratch:
         the any-checkpoint check holds every scratch evaluation against."""
         points = []
         for budget, path in self.runs.items():
-            rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+            rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
             curve = Curve.from_metrics(rows, name=Path(path).parent.name)
             loss = rows[-1].get("eval_sample_loss", curve.final_loss)
             points.append(FrontierPoint(budget, curve.total_flops, curve.total_wall, loss))

@@ -17,9 +17,9 @@ from apollo_ray.search.sweep import KEEP_ALL, Setting, scratch_run
 from apollo_ray.storage import join_uri
 from apollo_ray.study.fields import flatten
 from apollo_ray.study.schema import BASELINES, StudyConfig, load_study
-from apollo_ray.training.checkpoints import StorageStore
+from apollo_ray.training.checkpoints import StorageStore, checkpoint_name, is_periodic
 from apollo_ray.training.trainer import Trainer
-from apollo_ray.yardstick.envelope import EvalPoint
+from apollo_ray.yardstick.envelope import EvalPoint, Flag
 from apollo_ray.yardstick.scratch import Scratch
 
 
@@ -114,6 +114,10 @@ def test_a_flagged_scratch_point_is_read_from_its_checkpoint_and_joins_the_front
     early = next(r for r in rows if "eval_loss" in r and 0 < r["step"] < final["step"])
     gone = dataclasses.replace(point, step=early["step"] + 1)  # no checkpoint at that step
     assert baseline._read_checkpoint(study, cfg, gone) is None
+    flagged = Flag(dataclasses.replace(point, step=early["step"]), 10.0)
+    baseline._keep_what_was_read(study, {cfg.output_dir.name: cfg}, [flagged])
+    kept = {checkpoint_name(early["step"]), checkpoint_name(cfg.train.steps)}
+    assert {n for n in store.names() if is_periodic(n)} == kept  # the rest is dropped
 
     runs = {
         b: str(write_metrics(tmp_path / f"{b}.jsonl", [(0, 9.0), (10 * b, 8.0 - b)]))
