@@ -17,12 +17,20 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install lock demo test lint browser postgres rsync ui clean
 
+# One line per install step; pip's output goes to $(INSTALL_LOG), whose end is shown when a
+# step fails.
+INSTALL_LOG := $(VENV)/install.log
+step = @echo "$(1)"; { $(2); } >>$(INSTALL_LOG) 2>&1 || \
+  { tail -n 25 $(INSTALL_LOG); echo "make: failed: $(1) (the whole log: $(INSTALL_LOG))"; exit 1; }
+
 $(VENV)/.installed: pyproject.toml requirements.lock
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
-	touch $@
+	@mkdir -p $(VENV) && : >$(INSTALL_LOG)
+	$(call step,install 1/4: a virtual environment in $(VENV),$(PYTHON) -m venv $(VENV))
+	$(call step,install 2/4: pip,$(PY) -m pip install --upgrade pip)
+	$(call step,install 3/4: $(TORCH) on its own,$(PY) -m pip install "$(TORCH)")
+	$(call step,install 4/4: apollo_ray and the versions in requirements.lock,\
+	  $(PY) -m pip install -c requirements.lock -e ".[dev]")
+	@touch $@
 
 install: $(VENV)/.installed
 
