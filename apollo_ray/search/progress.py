@@ -2,7 +2,8 @@
 Tune already hands the study driver, instead of Tune's status tables and the workers' logs.
 
 `TrialProgress` is a Tune callback in the driver. On a terminal it keeps one live line per
-running trial (step/steps, stage, depth, loss, tokens/s, time left from its step rate) and
+running trial (step/steps, stage, depth, loss, tokens/s averaged over its last reports, time
+left from its mean step time) and
 redraws them in place; elsewhere (CI, `| tee`, a log file) it prints one line when a trial
 starts and one when it ends, finished, stopped early by the scheduler, diverged (with why and
 where) or failed (with the last line of its error, Tune's error file and the run's
@@ -18,9 +19,11 @@ import logging
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -70,27 +73,35 @@ def _rate(tokens_per_s: float | None) -> str:
 class _Run:
     """What the driver knows of one running trial."""
 
+    RATES = 5  # the tokens/s shown: the mean of this many last reports
+
     def __init__(self, steps: int, stages: int | None, now: float) -> None:
         self.steps, self.stages, self.started = steps, stages, now
         self.row: dict[str, Any] = {}  # the newest value of each field reported
         self.first: tuple[float, int] | None = None  # (time, step) of the first step reported
+        self.last: tuple[float, int] | None = None  # (time, step) of the newest one
+        self.rates: deque[float] = deque(maxlen=self.RATES)
 
     def update(self, result: dict[str, Any], now: float) -> None:
         self.row.update({k: v for k, v in result.items() if v is not None})
         step = result.get("step")
-        if isinstance(step, int) and self.first is None:
-            self.first = (now, step)
+        if isinstance(step, int):
+            self.first = self.first or (now, step)
+            self.last = (now, step)
+        if result.get("tokens_per_s") is not None:
+            self.rates.append(result["tokens_per_s"])
 
     def left(self, now: float) -> float | None:
-        """Seconds to the last step at the step rate since the first step reported (since the
-        trial started while there is only one)."""
-        step = self.row.get("step")
-        if not isinstance(step, int) or step <= 0:
+        """Seconds to the last step: the steps left at the mean step time between the first
+        step reported and the newest (from the trial's start while there is only one), less the
+        time since the newest, so that it falls while a step runs."""
+        if self.last is None or self.last[1] <= 0:
             return None
-        t0, s0 = self.first if self.first and step > self.first[1] else (self.started, 0)
-        if step <= s0 or now <= t0:
+        t1, step = self.last
+        t0, s0 = self.first if step > self.first[1] else (self.started, 0)
+        if t1 <= t0:
             return None
-        return (self.steps - step) * (now - t0) / (step - s0)
+        return max(0.0, (self.steps - step) * (t1 - t0) / (step - s0) - (now - t1))
 
     def live(self, name: str, now: float) -> str:
         r = self.row
@@ -104,7 +115,7 @@ class _Run:
         return (
             f"{name}: step {r['step']}/{self.steps} stage {stage_text} "
             f"depth {r.get('n_physical', '-')} loss {_number(r.get('loss'), '.3f')} "
-            f"{_rate(r.get('tokens_per_s'))} "
+            f"{_rate(statistics.fmean(self.rates) if self.rates else None)} "
             + ("time left ?" if left is None else f"{duration(left)} left")
         )
 

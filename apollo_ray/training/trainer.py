@@ -181,6 +181,7 @@ class Trainer:
                 log.write({**start, "eval_loss": self.state.eval_loss})
 
             # a step is read once the next one is queued, or at once (`late_read`)
+            self._since_logged = self.state.tokens, self.state.wall_time
             pending: dict[str, Any] | None = None
             while self.state.step < cfg.steps:
                 if self._grows_at(self.state.step):
@@ -215,6 +216,8 @@ class Trainer:
         checkpoint as its step asks."""
         cfg = self.cfg.train
         row = self.settle(row)
+        tokens, wall = self._since_logged  # the row covers the steps since the last one logged
+        row["tokens_per_s"] = (row["tokens"] - tokens) / (row["wall_time"] - wall)
         step = row["step"]
         if self.faults:
             self.faults.step_done(step)
@@ -226,6 +229,7 @@ class Trainer:
         if step % cfg.log_every == 0 or "eval_loss" in row or step == cfg.steps:
             log.write(row)
             self.tracker.poll()
+            self._since_logged = row["tokens"], row["wall_time"]
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             self.save_checkpoint(row)
         elif "eval_loss" in row:
@@ -350,7 +354,7 @@ class Trainer:
             "lr": lr,
             "tokens": state.tokens,
             "flops": state.flops,
-            "pending": self.late.pending(values, tokens),
+            "pending": self.late.pending(values),
         }
 
     def settle(self, row: dict[str, Any]) -> dict[str, Any]:

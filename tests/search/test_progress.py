@@ -192,8 +192,20 @@ def test_on_a_terminal_the_running_trials_are_redrawn_in_place(tmp_path, monkeyp
     callback.on_step_end(0, [b])  # less than a second since the last redraw
     assert out.getvalue() == ""
     clock.now += 1
-    callback.on_step_end(0, [b])  # the time left moves on
+    callback.on_step_end(0, [b])  # the time left moves on: down, while the step runs
     assert out.getvalue().startswith("\x1b[1F\x1b[J") and "\r" not in out.getvalue()
+    assert out.getvalue().endswith("12.3k tok/s 9m38s left\n")
+
+
+def test_the_live_line_shows_the_mean_rate_of_the_last_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    callback, out, clock = progress(tmp_path, live=True)
+    t = trial(tmp_path, "aaaa")
+    callback.on_trial_start(0, [t], t)
+    for step, rate in enumerate([90_000.0, 10_000.0, 20_000.0, 30_000.0, 40_000.0, 50_000.0]):
+        clock.now += 10
+        callback.on_trial_result(0, [t], t, row(10 * (step + 1), tokens_per_s=rate))
+    assert out.getvalue().endswith("30.0k tok/s 1m30s left\n")  # 90k has left the window
 
 
 def test_a_live_line_fits_the_terminal(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from apollo_ray.config import ConfigError, RunConfig, TrainConfig
 from apollo_ray.method.model import flops_per_microbatch
 from apollo_ray.training.checkpoints import latest_local as latest_checkpoint
 from apollo_ray.training.checkpoints import load as load_checkpoint
+from apollo_ray.training.late_read import LateRead
 from apollo_ray.training.optim import lr_at
 from apollo_ray.training.runlog import NonFiniteLossError
 from apollo_ray.training.trainer import Trainer
@@ -82,6 +83,36 @@ def test_flops_and_tokens_are_counted_per_micro_batch(bert_data, tmp_path):
     per_micro = flops_per_microbatch(trainer.model_cfg, 4, 32, 2)
     assert state.flops == 3 * 2 * per_micro
     assert state.tokens == 3 * 2 * 4 * 32
+
+
+def test_each_rows_tokens_per_s_is_the_throughput_of_the_steps_it_covers(gpt_data, tmp_path):
+    """On an injected clock where a micro-batch takes 1 s and each evaluation and checkpoint 5 s
+    (which training time leaves out), every row reads the same throughput: rows read one step
+    late, at once (evaluation, checkpoint, growth) or right after another row alike."""
+    cfg = apollo_cfg(
+        gpt_data, tmp_path, "gpt", steps=30, grad_accum=2, eval_every=5, checkpoint_every=7,
+        log_every=2,
+    )  # fmt: skip
+    trainer = Trainer(cfg, progress=False)
+    now = [0.0]
+    trainer.late = LateRead(trainer.run_dir, clock=lambda: now[0])
+
+    def slow(function, seconds):
+        def call(*args, **kwargs):
+            now[0] += seconds
+            return function(*args, **kwargs)
+
+        return call
+
+    trainer.batches.get = slow(trainer.batches.get, 1.0)
+    trainer.evaluate = slow(trainer.evaluate, 5.0)
+    trainer.save_checkpoint = slow(trainer.save_checkpoint, 5.0)
+    state = trainer.fit()
+    rows = [r for r in metrics_rows(tmp_path) if "tokens_per_s" in r]
+    assert len(rows) > 15 and rows[-1]["step"] == 30
+    per_second = 4 * 32  # a micro-batch of 4 x 32 tokens a second
+    assert all(r["tokens_per_s"] == pytest.approx(per_second, rel=0.01) for r in rows), rows
+    assert state.wall_time == pytest.approx(30 * 2, rel=0.01)  # growth's own time is real
 
 
 def test_loss_falls(gpt_data, tmp_path):
