@@ -2,7 +2,8 @@
 
     python -m apollo_ray.tune search_spaces/small.yaml            # CPU demo, local Ray
     python -m apollo_ray.tune search_spaces/bert.yaml --address auto
-    python -m apollo_ray.tune search_spaces/small.yaml --resume   # finish an interrupted study
+    python -m apollo_ray.tune search_spaces/small.yaml --resume   # finish an interrupted study,
+                                                    # or print a finished one's end again
     python -m apollo_ray.tune search_spaces/small.yaml --verbose  # Ray's logs on the terminal too
     python -m apollo_ray.tune search_spaces/small.yaml --kill-at-step 7  # chaos: each trial
                                                     # is killed once and must resume
@@ -253,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="finish an interrupted study without redoing finished trials (starts it if new)",
+        help="finish an interrupted study without redoing finished trials (starts it if new); "
+        "a finished one prints its end again",
     )
     parser.add_argument(
         "--address",
@@ -271,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study)
+        if args.resume:  # a finished study answers at once, without Ray or MLflow
+            from apollo_ray.search.summary import finished
+
+            if (text := finished(study)) is not None:
+                print(text + "\n" + where_to_look(study))
+                return 0
         cheap_checks(study, args.address)
         run_study(
             study, args.study, args.address, args.resume, args.verbose, requested(args) or None

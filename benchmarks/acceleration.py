@@ -64,12 +64,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from apollo_ray.config import ModelConfig, RunConfig, load_run_config
-from apollo_ray.data.shards import load_manifest, open_split, prepare
+from apollo_ray.data.shards import load_manifest, prepare
 from apollo_ray.method.model import TransformerLM
 from apollo_ray.search.sweep import Setting, Sweep, alone, scratch_run, sweep, wsd_runs
 from apollo_ray.training.checkpoints import checkpoint_name
@@ -77,10 +76,11 @@ from apollo_ray.training.checkpoints import load as load_checkpoint
 from apollo_ray.training.trainer import Trainer
 from apollo_ray.yardstick.envelope import EvalPoint, Flag, check, lower_envelope
 from apollo_ray.yardstick.frontier import Frontier, FrontierPoint, rank_key
+from apollo_ray.yardstick.regime import PLATEAU, unigram_entropy
 from apollo_ray.yardstick.stats import log_interval, paired_log_interval
 from benchmarks.common import RESULTS, machine, print_table
 
-__all__ = ["ARMS", "PRESETS", "Preset", "arm_schedules", "main", "unigram_entropy"]
+__all__ = ["ARMS", "PRESETS", "Preset", "arm_schedules", "main"]
 
 SWEEP_SEED = 1000  # scratch's sweep: no reading seed keeps its selection luck
 LR_FACTORS = (0.5, 1.0, 2.0, 4.0)  # of the preset's LR, a factor of 2 apart
@@ -474,20 +474,6 @@ def _key(cfg: RunConfig, manifest: str) -> str:
     return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def unigram_entropy(data: Path, kind: str) -> float:
-    """Entropy (nats) of the train split's token frequencies: the loss of a model that knows
-    only how often each token occurs (for bert, over tokens that are not special)."""
-    manifest = load_manifest(data)
-    counts = sum(
-        np.bincount(shard, minlength=manifest.vocab_size).astype(np.float64)
-        for shard in open_split(data, "train", manifest)
-    )
-    if kind == "bert":
-        counts[list(manifest.special_ids.values())] = 0
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def embedded_data(kind: str, preset: Preset) -> Path:
     """The preset's embedded corpora, prepared once into data/accel-<kind>-v<vocab>[-<sources>]
     -split (no sources suffix for the demo corpus alone), with train, validation and test."""
@@ -803,7 +789,7 @@ def main(argv: list[str] | None = None) -> None:
     frontier_rows = [run_row(bench, b, [by_seed[s][b] for s in seeds]) for b in preset.frontier]
     scratch = next(r for r in frontier_rows if r["budget"] == 1)
     scratch_loss = statistics.fmean(scratch["test_loss"])
-    plateau = scratch_loss > 0.8 * entropy
+    plateau = scratch_loss >= PLATEAU * entropy
     comparisons = []
     by = {(r["arm"], r["budget"]): r for r in rows}
     pairs = [(best, 1.0), (best, preset.small_budget), ("searched", 1.0)]

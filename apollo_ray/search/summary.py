@@ -1,11 +1,14 @@
-"""The end of a search: the trials table, the best trial (or the Pareto front), `best.yaml`
-and `summary.json` in `<output_dir>/<experiment>/`; and the one text-table helper that
-`apollo_ray.report` uses too."""
+"""The end of a search: the answer in one sentence (what the confirmed best schedule saved
+against scratch, with its interval and regime), the trials table, the best trial (or the Pareto
+front), `best.yaml`, `summary.json` and `summary.txt` in `<output_dir>/<experiment>/`; and the
+one text-table helper that `apollo_ray.report` uses too."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,12 +19,17 @@ from apollo_ray.study.schema import StudyConfig
 from apollo_ray.study.space import materialize
 from apollo_ray.training.runlog import DIVERGED_KEY, last_eval
 from apollo_ray.yardstick.frontier import rank_key
+from apollo_ray.yardstick.regime import Regime, regime
 from apollo_ray.yardstick.scratch import Scratch
 from apollo_ray.yardstick.stats import Interval, log_interval, paired_log_interval
 
 __all__ = [
+    "WIDTH",
+    "answer",
     "confirmation",
     "confirmed_note",
+    "fingerprint",
+    "finished",
     "format_confirmed",
     "format_table",
     "noise_note",
@@ -129,16 +137,20 @@ def confirmed_note(confirmed: list[dict[str, Any]], scratch_se: float | None = N
     return "\n".join(lines)
 
 
+WIDTH = 100  # the columns the end of a study fits in
+
+
 def summarize(
     study: StudyConfig,
     rows: list[dict[str, Any]],
     scratch: Scratch,
     confirmed: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Print the trials table (and the confirmed ranking); write best.yaml and summary.json.
-    Returns the summary: the trials in ranking order, the best (the confirmed best if there is
-    one, or the Pareto front), the frontier, and plain notes on whether the best trial's lead is
-    more than noise."""
+    """Print the end of the study (`summary.txt`): the notes, the answer, the trials table (and
+    the confirmed ranking) with each trial's parameters below it; write best.yaml and
+    summary.json. Returns the summary: the trials in ranking order, the best (the confirmed best
+    if there is one, or the Pareto front), the frontier, the regime, the answer and plain notes
+    on whether the best trial's lead is more than noise."""
     done = [r for r in rows if r["status"] == "ok"]
     best = pareto_front(done) if study.search.objective == "pareto" else done[:1]
     full = last_eval(scratch.full)
@@ -150,9 +162,14 @@ def summarize(
     notes.insert(0, noise_note(best[0], full) if best else "no trial finished")
     baseline = read_baseline(study)
     notes.append(tuning_note(baseline, len(rows), len(confirmed or [])))
+    reg = regime(study.base, full.get("test_loss", full.get("eval_loss")))
+    said = answer(confirmed, best[0] if best else None, reg)
     summary = {
         "experiment": study.experiment,
+        "fingerprint": fingerprint(study),
         "objective": study.search.objective,
+        "answer": said,
+        "regime": reg.as_dict(),
         "trials": rows,
         "confirmed": confirmed,
         "best": best,
@@ -167,14 +184,80 @@ def summarize(
     if best:
         reading = confirmed[0] if confirmed and confirmed[0]["seeds"] else None
         write_best_yaml(study, best[0], out / "best.yaml", reading)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     table = format_table(rows)
     if confirmed:
         table += "\n\nconfirmed with fresh seeds, best first:\n" + format_confirmed(confirmed)
-    table += "\n\n" + summary["note"]
-    (out / "summary.txt").write_text(table + "\n")
-    print(table)
+    text = "\n\n".join([_wrap(summary["note"]), textwrap.fill(said, WIDTH), table])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "summary.txt").write_text(text + "\n")
+    print(text)
     return summary
+
+
+def fingerprint(study: StudyConfig) -> str:
+    """What the study asks for, hashed: a summary answers again only for the same study."""
+    return hashlib.sha256(study.model_dump_json().encode()).hexdigest()[:16]
+
+
+def finished(study: StudyConfig) -> str | None:
+    """The end of this study as it printed it (`summary.txt`) when it has finished, and its
+    study file has not changed since (`fingerprint`); None otherwise."""
+    out = Path(study.study_dir)
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        text = (out / "summary.txt").read_text()
+    except (OSError, ValueError):
+        return None
+    return text if summary.get("fingerprint") == fingerprint(study) else None
+
+
+def answer(confirmed: list[dict[str, Any]] | None, best: dict[str, Any] | None, reg: Regime) -> str:
+    """The study's answer in one sentence: what the confirmed best schedule saved against
+    scratch (on the test split when there is one) with its 95% interval, or that no schedule
+    differed from scratch (the interval holds 1); and the regime it was measured in."""
+    done = [e for e in confirmed or [] if e["seeds"]]
+    if not done:
+        if best is None:
+            return f"answer: no trial finished; regime: {reg.describe()}."
+        split = "test" if best.get("test_speedup") is not None else "validation"
+        value = best.get("test_speedup") if split == "test" else best.get("speedup")
+        return (
+            f"answer: the best trial {best['trial']} read a speedup of {value:.3g}x on the "
+            f"{split} split, one seed and no interval (search.confirm re-runs it with fresh "
+            f"seeds); regime: {reg.describe()}."
+        )
+    top = done[0]
+    key, split = ("test_speedup", "test") if "test_speedup" in top else ("speedup", "validation")
+    ci = Interval(**top[key])
+    measured = f"speedup {ci.mean:.3g}x" + (
+        " (one seed: no interval)"
+        if ci.low is None
+        else f", 95% interval [{ci.low:.3g}, {ci.high:.3g}] over {ci.n} seeds"
+    )
+    measured += f" on the {split} split"
+    who = f"the confirmed best schedule (trial {top['trial']})"
+    if ci.significant is None:
+        verdict = f"{who} read a {measured}"
+    elif ci.low > 1:
+        least = "at least " if "lower" in top["bounds"] else ""
+        verdict = (
+            f"{who} saved {least}{1 - 1 / ci.mean:.0%} of scratch's compute for scratch's loss: "
+            f"{measured}"
+        )
+    elif ci.high < 1:
+        verdict = f"{who} cost {1 / ci.mean - 1:.0%} more compute than scratch: {measured}"
+    else:
+        verdict = (
+            f"no schedule differed from scratch: {who} read a {measured}, an interval that holds 1"
+        )
+    return f"answer: {verdict}; regime: {reg.describe()}."
+
+
+def _wrap(text: str) -> str:
+    """Each line of `text` wrapped to `WIDTH` columns, continuations indented."""
+    return "\n".join(
+        textwrap.fill(line, WIDTH, subsequent_indent="    ") for line in text.splitlines()
+    )
 
 
 def read_baseline(study: StudyConfig) -> dict[str, Any] | None:
@@ -323,6 +406,9 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """The trials, best first, in columns; below them each trial's parameters (and why it did
+    not finish), wrapped to `WIDTH` columns."""
+
     def fmt(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
@@ -330,20 +416,37 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    header = ["trial", "eval loss", "speedup", "saving", "paper saving", "status", "params"]
+    header = ["trial", "eval loss", "speedup", "test speedup", "paper saving", "status"]
     lines = [
         [
             r["trial"],
             _loss(r.get("eval_loss"), r.get("eval_loss_se"), fmt),
             {"lower": ">= ", "upper": "<= "}.get(r.get("bound") or "", "") + fmt(r.get("speedup")),
-            fmt(r.get("saving")),
+            fmt(r.get("test_speedup")),
             fmt(r.get("paper_flops_saving")),
-            r["status"],
-            ", ".join(f"{k}={fmt(v)}" for k, v in r["params"].items()),
+            r["status"].split(":")[0],
         ]
         for r in rows
     ]
-    return text_table(header, lines)
+    legend = []
+    for r in rows:
+        params = " ".join(f"{k.removeprefix('schedule.')}={fmt(v)}" for k, v in r["params"].items())
+        why = r["status"].partition(": ")[2]
+        for text in filter(None, [params, why]):
+            legend.append(
+                textwrap.fill(
+                    text,
+                    WIDTH,
+                    initial_indent=f"  {r['trial']}  ",
+                    subsequent_indent=" " * (len(r["trial"]) + 4),
+                    break_on_hyphens=False,
+                )
+            )
+    return (
+        text_table(header, lines)
+        + "\n\neach trial's parameters (schedule.x written x):\n"
+        + "\n".join(legend)
+    )
 
 
 def _loss(loss: float | None, se: float | None, fmt) -> str:

@@ -3,6 +3,9 @@ suggestions, one-worker trials in their own processes, a diverging trial, a kill
 Tune retries, the cached baseline, and an interrupted study resumed with --resume)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -71,6 +74,33 @@ def test_search_scores_trials_and_records_failures(tiny_search):
     assert summary["best"][0]["trial"] == confirmed["trial"]
     text = (out / "summary.txt").read_text()
     assert "confirmed with fresh seeds" in text and f"confirmed best trial {ok['trial']}" in text
+    # the answer in one sentence, with the regime; every line within 100 columns
+    assert summary["answer"].startswith("answer: ") and "tokens per parameter" in summary["answer"]
+    assert " ".join(summary["answer"].split()) in " ".join(text.split())
+    assert summary["regime"]["tokens_per_param"] > 0 and summary["regime"]["unigram_entropy"] > 0
+    assert all(len(line) <= 100 for line in text.splitlines()), text
+
+
+@pytest.mark.slow
+def test_a_finished_study_prints_its_end_again_without_ray_or_mlflow(tiny_search):
+    """`--resume` on a finished study (a second `make demo`): its summary as printed, at once;
+    Ray and MLflow addresses that cannot be reached show that neither is started."""
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": "127.0.0.1:9",
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+    }
+    path = tiny_search.parent / "tiny.yaml"
+    again = subprocess.run(
+        [sys.executable, "-m", "apollo_ray.tune", str(path), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith((tiny_search / "tiny" / "summary.txt").read_text())
+    assert "summary: " in again.stdout and "MLflow: http://127.0.0.1:9" in again.stdout
 
 
 @pytest.mark.slow

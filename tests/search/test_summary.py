@@ -1,14 +1,21 @@
 """The study's summary: the ranking against the frontier, the Pareto front of (eval loss,
 FLOPs) for a multi-objective search, and the note on evaluation noise."""
 
+import json
+from dataclasses import asdict
+from pathlib import Path
 from types import SimpleNamespace
 
-from conftest import EXAMPLE_STUDY
+from conftest import EXAMPLE_STUDY, tiny_study
 
 from apollo_ray.search.summary import (
+    answer,
     confirmation,
     confirmed_note,
+    fingerprint,
+    finished,
     format_confirmed,
+    format_table,
     noise_note,
     pareto_front,
     ranking,
@@ -16,7 +23,9 @@ from apollo_ray.search.summary import (
     tuning_note,
 )
 from apollo_ray.search.tuner import confirm_runs
-from apollo_ray.study.schema import StudyConfig
+from apollo_ray.study.schema import StudyConfig, load_study
+from apollo_ray.yardstick.regime import Regime
+from apollo_ray.yardstick.stats import log_interval
 
 
 def test_pareto_front():
@@ -153,3 +162,66 @@ def test_the_tuning_of_both_sides_and_the_flags_are_said():
     assert (
         tuning_note(None, 5, 0) == "tuning: scratch untuned (baseline: null), the search 5 trials"
     )
+
+
+REGIME = Regime(params=1000, tokens=22_000, train_tokens=10_000, entropy=3.0, scratch_loss=2.0)
+
+
+def confirmed_entry(trial: str, test: list[float], bounds=None) -> dict:
+    """A confirmed trial as `confirmation` leaves it, read on test."""
+    return {
+        "trial": trial,
+        "seeds": list(range(1, len(test) + 1)),
+        "bounds": bounds or [None] * len(test),
+        "speedup": asdict(log_interval(test)),
+        "test_speedup": asdict(log_interval(test)),
+    }
+
+
+def test_the_answer_is_one_sentence_with_its_interval_its_verdict_and_the_regime():
+    regime = "regime: 22 tokens per parameter, 2.2 epochs, scratch at 2 nats against a unigram "
+    saved = answer([confirmed_entry("a", [1.5, 1.6, 1.55])], None, REGIME)
+    assert saved.startswith(
+        "answer: the confirmed best schedule (trial a) saved 35% of scratch's compute for "
+        "scratch's loss: speedup 1.55x, 95% interval [1.43, 1.68] over 3 seeds on the test split;"
+    )
+    assert regime in saved and saved.endswith("entropy of 3.") and "\n" not in saved
+    same = answer([confirmed_entry("b", [0.9, 1.2, 1.0])], None, REGIME)
+    assert same.startswith("answer: no schedule differed from scratch: the confirmed best ")
+    assert "an interval that holds 1;" in same
+    cost = answer([confirmed_entry("c", [0.5, 0.45, 0.4])], None, REGIME)
+    assert "(trial c) cost 123% more compute than scratch: speedup 0.448x" in cost
+    least = answer([confirmed_entry("d", [1.5, 1.6, 1.55], ["lower"] * 3)], None, REGIME)
+    assert "saved at least 35%" in least
+    single = answer(None, {"trial": "e", "speedup": 1.2, "test_speedup": 1.1}, REGIME)
+    assert "best trial e read a speedup of 1.1x on the test split, one seed and no" in single
+
+
+def test_the_trials_table_fits_100_columns_with_the_parameters_below_it():
+    long = {f"schedule.knob_{i}": [0.05, 0.1, 0.25] for i in range(8)}
+    why = "loss is nan (gradient norm nan) at step 1; the last checkpoint and metrics are intact"
+    rows = [
+        {"trial": "a1", "status": "ok", "params": long, "eval_loss": 2.5, "speedup": 1.2},
+        {"trial": "b2", "status": f"diverged: {why}", "params": {"train.lr": 1e9}},
+    ]
+    text = format_table(rows)
+    assert all(len(line) <= 100 for line in text.splitlines()), text
+    lines = text.splitlines()
+    assert lines[0].split() == ["trial", "eval", "loss", "speedup", "test", "speedup", "paper",
+                                "saving", "status"]  # fmt: skip
+    assert lines[2].rstrip().endswith("diverged")
+    legend = "\n".join(lines[lines.index("each trial's parameters (schedule.x written x):") :])
+    assert "a1  knob_0=[0.05, 0.1, 0.25] knob_1=" in legend
+    assert "b2  train.lr=1e+09" in legend and "at step 1; the last" in legend
+
+
+def test_a_finished_study_is_known_by_what_it_asked_for(tmp_path, gpt_data):
+    study = load_study(tiny_study(tmp_path, gpt_data))
+    out = Path(study.study_dir)
+    out.mkdir(parents=True)
+    assert finished(study) is None  # not run yet
+    (out / "summary.txt").write_text("the end\n")
+    (out / "summary.json").write_text(json.dumps({"fingerprint": fingerprint(study)}))
+    assert finished(study) == "the end\n"
+    more = study.model_copy(update={"search": study.search.model_copy(update={"trials": 9})})
+    assert finished(more) is None  # the study file changed since: it goes on
