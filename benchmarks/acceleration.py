@@ -70,7 +70,7 @@ from matplotlib.figure import Figure
 from apollo_ray.config import ModelConfig, RunConfig, load_run_config
 from apollo_ray.data.shards import load_manifest, prepare
 from apollo_ray.method.model import TransformerLM
-from apollo_ray.search.sweep import Setting, Sweep, alone, scratch_run, sweep, wsd_runs
+from apollo_ray.search.sweep import Job, Setting, Sweep, alone, scratch_run, sweep, wsd_runs
 from apollo_ray.training.checkpoints import checkpoint_name
 from apollo_ray.training.checkpoints import load as load_checkpoint
 from apollo_ray.training.trainer import Trainer
@@ -420,9 +420,9 @@ class Bench:
         """Scratch's sweep on the sweep seed (apollo_ray/search/sweep.py): the choice per
         budget on validation."""
 
-        def losses(setting: Setting, among: Sequence[float]) -> dict[float, float]:
-            runs = self.scratch_runs(setting, SWEEP_SEED, among)
-            return {budget: run.eval_loss for budget, run in runs.items()}
+        def losses(jobs: Sequence[Job]) -> list[dict[float, float]]:  # one after the other
+            runs = [self.scratch_runs(setting, SWEEP_SEED, among) for setting, among in jobs]
+            return [{budget: run.eval_loss for budget, run in r.items()} for r in runs]
 
         self.tuned = sweep(losses, [self.lr * f for f in LR_FACTORS], self.preset.frontier)
         return self.tuned

@@ -5,25 +5,29 @@ from step 0) at several budgets (`frontier`: 1/4, 1/2, 1 and 2 times base.train.
 default), each with its own warmup and full decay (docs/method.md, section 8). Each run is
 cached in `<output_dir>/baselines/<key>/` by a key of what determines its curve, the config and
 the prepared data, so another study with the same setup reuses it instead of training it again.
-In MLflow they are the children of the study's `baseline` run.
+In MLflow they are the children of the study's `baseline` run. Runs that do not depend on each
+other (the sweep's LRs, its cosine runs, the reading seed's settings) train side by side, as many
+at once as the cluster's resources hold.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from apollo_ray.config import ConfigError, RunConfig
 from apollo_ray.data import DataError, load_manifest
 from apollo_ray.launch import distributed, solo
 from apollo_ray.records.results import log_frontier, log_run_results
 from apollo_ray.records.tracking import KIND, STUDY, StudyRecord, group_run, tracked_run
-from apollo_ray.search.sweep import KEEP_ALL, Setting, alone, scratch_run, wsd_runs
+from apollo_ray.search.sweep import KEEP_ALL, Job, Setting, alone, scratch_run, wsd_runs
 from apollo_ray.search.sweep import sweep as tune
 from apollo_ray.storage import exists, fetch, join_uri
 from apollo_ray.study.schema import BASELINES, StudyConfig
@@ -46,6 +50,8 @@ __all__ = [
     "ensure_frontier",
     "frontier_configs",
 ]
+
+T = TypeVar("T")
 
 DONE_MARKER = "done.json"  # in a scratch run's folder once it trained to the end
 
@@ -161,17 +167,20 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
             done[budget] = {**record, "metrics": metrics}
         return done
 
-    def losses(setting: Setting, among: Sequence[float]) -> dict[float, float]:
-        runs = train(setting, sweep.sweep_seed, list(among), "sweep")
-        return {budget: run["eval_loss"] for budget, run in runs.items()}
+    def losses(jobs: Sequence[Job]) -> list[dict[float, float]]:
+        seed = sweep.sweep_seed
+        runs = _side_by_side([functools.partial(train, s, seed, list(b), "sweep") for s, b in jobs])
+        return [{budget: run["eval_loss"] for budget, run in r.items()} for r in runs]
 
     found = tune(losses, lrs, budgets, sweep.extend, sweep.cosine)
     chosen = found.chosen
     reading: dict[float, str] = {}
-    for setting in sorted(set(chosen.values())):
-        among = [b for b in budgets if chosen[b] == setting]
-        for budget, run in train(setting, base.seed, among, "frontier").items():
-            reading[budget] = str(run["metrics"])
+    among = {s: [b for b in budgets if chosen[b] == s] for s in sorted(set(chosen.values()))}
+    for runs in _side_by_side(
+        [functools.partial(train, s, base.seed, b, "frontier") for s, b in among.items()]
+    ):
+        reading |= {budget: str(run["metrics"]) for budget, run in runs.items()}
+    trained.sort(key=lambda r: (r["role"] != "sweep", r["family"], r["lr"], -r["budget"]))
     scratch = Scratch(reading)
     samples = {  # the finished runs of each budget's choice, on any seed: the frontier itself
         r["run"] for r in trained if chosen[r["budget"]] == Setting(r["family"], r["lr"])
@@ -191,6 +200,33 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return Scratch(reading, tuple(r for r in read if r))
+
+
+def _side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """The results of `calls`, run at once, each in a thread of its own that waits on its Ray
+    tasks: Ray trains as many of them side by side as the cluster's resources hold. Every call
+    ends before the first error is raised (what finished is cached); the threads are daemons, so a
+    Ctrl-C ends the study without waiting for them (Ray stops their tasks with the driver)."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as e:  # raised in the study's thread, below
+            errors[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
 
 
 def _check(

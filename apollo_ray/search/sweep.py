@@ -12,7 +12,10 @@ no reading seed keeps the sweep's selection luck), then trained on the reading s
 - **cosine** (decay over the whole run), at the LR wsd chose, for the budgets around the full
   one, kept where it ends lower.
 
-A chosen LR at the edge of its sweep extends the sweep by a factor of 2 beyond that edge.
+A chosen LR at the edge of its sweep extends the sweep by a factor of 2 beyond that edge. The
+runs of different settings do not depend on each other: `sweep` hands them over in batches
+(every LR of a round, every cosine run), which the study trains side by side as far as the
+cluster's resources allow.
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ from apollo_ray.config import RunConfig
 from apollo_ray.training.checkpoints import checkpoint_name
 from apollo_ray.training.optim import decay_start
 
-__all__ = ["Setting", "Sweep", "alone", "choose", "edge_lrs", "scratch_run", "sweep", "wsd_runs"]
+__all__ = [
+    "Job",
+    "Setting",
+    "Sweep",
+    "alone",
+    "choose",
+    "edge_lrs",
+    "scratch_run",
+    "sweep",
+    "wsd_runs",
+]
 
 Family = Literal["wsd", "cosine"]
 KEEP_ALL = 10**6  # train.keep_checkpoints of a scratch run: every evaluation's checkpoint
@@ -40,6 +53,9 @@ class Setting:
 
     def __str__(self) -> str:
         return f"{self.family} lr {self.lr:.3g}"
+
+
+Job = tuple[Setting, Sequence[float]]  # a setting's runs at these budgets
 
 
 def scratch_run(
@@ -110,32 +126,33 @@ class Sweep:
 
 
 def sweep(
-    train: Callable[[Setting, Sequence[float]], Mapping[float, float]],
+    train: Callable[[Sequence[Job]], Sequence[Mapping[float, float]]],
     lrs: Sequence[float],
     budgets: Sequence[float],
     extend: int = 2,
     cosine: bool = True,
 ) -> Sweep:
-    """Tune scratch per budget: wsd at every LR of `lrs` over every budget (`train(setting,
-    budgets)`: budget -> validation loss of each run, trained or cached), the LRs extended past
-    a chosen edge up to `extend` times; then, with `cosine`, cosine at wsd's chosen LR for the
-    budgets from 1/4 to 1x, kept where it ends lower."""
+    """Tune scratch per budget: wsd at every LR of `lrs` over every budget, the LRs extended
+    past a chosen edge up to `extend` times; then, with `cosine`, cosine at wsd's chosen LR for
+    the budgets from 1/4 to 1x, kept where it ends lower. `train(jobs)` trains (or reuses) a
+    batch of independent jobs and returns, per job, budget -> the validation loss of its run."""
     lrs, losses = list(lrs), {}
     swept: set[float] = set()
+
+    def run(jobs: list[Job]) -> None:
+        for (setting, _), result in zip(jobs, train(jobs), strict=True):
+            losses.update({(b, setting): loss for b, loss in result.items()})
+
     for _ in range(extend + 1):
-        for lr in [lr for lr in lrs if lr not in swept]:
-            wsd = Setting("wsd", lr)
-            losses |= {(b, wsd): loss for b, loss in train(wsd, budgets).items()}
-            swept.add(lr)
+        run([(Setting("wsd", lr), budgets) for lr in lrs if lr not in swept])
+        swept.update(lrs)
         extra = edge_lrs(choose(losses, budgets), lrs)
         if not extra:
             break
         lrs += extra
     chosen_wsd = choose(losses, budgets)
     if cosine:
-        for budget in [b for b in budgets if 0.25 <= b <= 1.0]:
-            setting = Setting("cosine", chosen_wsd[budget].lr)
-            losses |= {(b, setting): loss for b, loss in train(setting, [budget]).items()}
+        run([(Setting("cosine", chosen_wsd[b].lr), [b]) for b in budgets if 0.25 <= b <= 1.0])
     return Sweep(choose(losses, budgets), chosen_wsd, losses)
 
 

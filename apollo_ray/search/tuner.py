@@ -29,6 +29,7 @@ import optuna
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from apollo_ray.launch import distributed, solo
@@ -115,13 +116,16 @@ def run_search(
         mode=mode,
         sampler=_sampler(study),
     )
+    concurrent = study.search.max_concurrent_trials
+    if concurrent > 1 and study.search.synchronous:  # batches: each suggested on the same history
+        searcher, concurrent = ConcurrencyLimiter(searcher, concurrent, batch=True), None
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=_scheduler(study, scratch),
             num_samples=study.search.trials,
-            max_concurrent_trials=study.search.max_concurrent_trials,
+            max_concurrent_trials=concurrent,
             reuse_actors=True,  # a finished trial's process takes the next: no start, no imports
         ),
         run_config=_run_config(study, "search", record, progress),

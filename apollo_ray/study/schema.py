@@ -115,6 +115,13 @@ class SearchConfig(Strict):
 
     trials: int = Field(ge=1, description="number of trials (Tune's num_samples)")
     max_concurrent_trials: int = Field(1, ge=1, description="trials running at the same time")
+    synchronous: bool = Field(
+        True,
+        description="with max_concurrent_trials above 1: trials start in batches of that many, "
+        "each batch suggested once the one before has ended, so no suggestion depends on which "
+        "trial finished first (the search is reproducible); false: a trial starts as soon as "
+        "one ends (faster when trials differ in length)",
+    )
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Optuna sampler")
     objective: Literal["eval_loss", "flops_saving", "speedup", "pareto"] = Field(
         "flops_saving",

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import shutil
+import threading
+import time
 
+import pytest
 from conftest import EXAMPLE_STUDY, metrics_rows, tiny_study, write_metrics
 
 from apollo_ray.config import RunConfig
@@ -135,3 +139,28 @@ def test_a_flagged_scratch_point_is_read_from_its_checkpoint_and_joins_the_front
     envelope = Scratch(runs, (below,))
     assert plain.frontier().loss_at(7.5) > 7.0 and envelope.frontier().loss_at(7.5) == 7.0
     assert envelope.frontier("test_loss") is None  # these metrics have no test split
+
+
+def test_independent_runs_train_side_by_side_and_an_error_waits_for_the_rest():
+    both = threading.Barrier(2, timeout=30)  # broken unless the two calls run at once
+
+    def call(i: int) -> int:
+        both.wait()
+        return i
+
+    assert baseline._side_by_side([functools.partial(call, 1), functools.partial(call, 2)]) == [
+        1,
+        2,
+    ]
+    finished = []
+
+    def fail():
+        raise ValueError("diverged")
+
+    def slow():
+        time.sleep(0.2)
+        finished.append(True)
+
+    with pytest.raises(ValueError, match="diverged"):
+        baseline._side_by_side([fail, slow])
+    assert finished == [True]  # the other run ended (and was cached) first

@@ -68,10 +68,16 @@ def test_the_sweep_extends_past_a_chosen_edge_then_tries_cosine_near_1x():
     best = {0.25: 4e-3, 1.0: 3.2e-2, 2.0: 3.2e-2}  # 1x and 2x: two octaves past the top
     trained = []
 
-    def train(setting, budgets):
-        trained.append(setting)
-        bonus = 0.01 if setting.family == "cosine" else 0.0
-        return {b: 3 + abs(math.log2(setting.lr / best[b])) - bonus * (b == 1.0) for b in budgets}
+    batches = []
+
+    def loss(setting, budget):  # cosine wins at 1x only
+        bonus = 0.01 if setting.family == "cosine" and budget == 1.0 else 0.0
+        return 3 + abs(math.log2(setting.lr / best[budget])) - bonus
+
+    def train(jobs):
+        batches.append([setting for setting, _ in jobs])
+        trained.extend(batches[-1])
+        return [{b: loss(setting, b) for b in budgets} for setting, budgets in jobs]
 
     found = sweep(train, [1e-3, 2e-3, 4e-3, 8e-3], list(best), extend=2)
     assert found.chosen_wsd == {b: Setting("wsd", lr) for b, lr in best.items()}
@@ -81,5 +87,7 @@ def test_the_sweep_extends_past_a_chosen_edge_then_tries_cosine_near_1x():
         Setting("cosine", 4e-3),
         Setting("cosine", 3.2e-2),
     }
+    # independent runs come as one batch: every LR of a round, then every cosine run
+    assert [len(b) for b in batches] == [4, 1, 1, 2]
     found = sweep(train, [1e-3, 2e-3, 4e-3, 8e-3], list(best), extend=1, cosine=False)
     assert found.chosen[2.0] == Setting("wsd", 1.6e-2)  # still at the edge: extend ran out
