@@ -238,7 +238,7 @@ def where_to_look(study: StudyConfig) -> str:
         [
             f"summary: {out / 'summary.txt'} (also summary.json; best.yaml: the best schedule)",
             mlflow,
-            f"trials: {out / 'trials'}/<trial> (metrics.jsonl); Tune: {out / 'tune'}; "
+            f"trials: {out / 'trials'}/<trial> (metrics.jsonl); Tune: {out / 'tune'}",
             f"Ray's logs: {RAY_LOGS}",
         ]
     )

@@ -112,10 +112,17 @@ def log_frontier(
 def log_study_results(
     record: StudyRecord, study: StudyConfig, summary: dict[str, Any], scratch: Scratch
 ) -> None:
-    """The parent run's view of the search: the best trial's metrics (`best_*`, tag
-    `apollo.best_trial`), the summary table, best.yaml, Optuna's plots, the best trials' loss
-    curves against the baseline, and the best final model registered in the model registry."""
+    """The parent run's view of the search: its description (the answer and the end of the
+    study as printed), the answer as the experiment's description too, the best trial's metrics
+    (`best_*`, tag `apollo.best_trial`) and its run marked the winner, the summary table,
+    best.yaml, the frontier with the best trials on it (labelled with the summary's speedups),
+    Optuna's plots, and the best final model registered in the model registry."""
     client, parent, out = record.client(), record.parent_id, Path(study.study_dir)
+    text = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
+    client.set_tag(parent, NOTE, _note(summary["answer"], text))
+    client.set_experiment_tag(
+        record.experiment_id, NOTE, f"{summary['answer']} (the study run: {study.experiment})"
+    )
     for name in ("summary.json", "summary.txt", "best.yaml"):
         if (out / name).exists():
             client.log_artifact(parent, str(out / name), "summary")
@@ -124,6 +131,7 @@ def log_study_results(
     if best:
         b = best[0]
         client.set_tag(parent, "apollo.best_trial", b["trial"])
+        mark_winner(client, record.experiment_id, b["trial"])
         now = int(time.time() * 1000)
         keys = ("eval_loss", "saving", "speedup", "flops", "test_loss", "test_speedup")
         values = {f"best_{k}": b[k] for k in keys if b.get(k) is not None}
@@ -143,33 +151,75 @@ def log_study_results(
             directions = ["minimize" if m == "min" else "maximize" for m in modes]
             ot = optuna_study(done, study.search.space, directions, metrics)
             optuna_plots(ot, Path(tmp) / "optuna")
-            curves = [  # the summary lists finished trials best first
-                Curve.from_metrics(out / "trials" / r["trial"] / METRICS, name=r["trial"])
+            curves = [  # the summary lists finished trials best first, with their speedups
+                Curve.from_metrics(out / "trials" / r["trial"] / METRICS, name=_label(r))
                 for r in done[:3]
             ]
             plot_loss_vs_flops(
                 curves,
-                Curve.from_metrics(scratch.full, name="scratch 1x"),
-                Path(tmp) / "best_trials_loss_vs_flops.png",
+                None,
+                Path(tmp) / "frontier" / "frontier_and_best_trials.png",
                 title=f"{study.experiment}: the best trials against the scratch frontier",
                 frontier=scratch.frontier(),
             )
-        client.log_artifacts(parent, tmp, "plots")
+            client.log_artifacts(parent, str(Path(tmp) / "frontier"))
+            client.log_artifacts(parent, str(Path(tmp) / "optuna"), "plots/optuna")
     if best:
         try:
             measured = {k: f"{v:.4g}" for k, v in values.items() if "test" in k}
-            register_best(record, study, best[0]["trial"], measured)
+            schedule = ", ".join(f"{k}={v}" for k, v in best[0]["params"].items())
+            about = f"{summary['answer']}\n\nThe schedule (trial {best[0]['trial']}): {schedule}"
+            register_best(record, study, best[0]["trial"], measured, about)
         except Exception as e:  # the study itself is complete: say so, do not fail it
             print(f"mlflow: best model not registered: {e}", file=sys.stderr)
 
 
+NOTE = "mlflow.note.content"  # a run's (or experiment's) description in the MLflow UI, Markdown
+WINNER = "apollo.winner"  # "true" on the run of the study's best trial
+WINNER_COLOR = "#e8484d"  # its colour in the UI's runs table and charts (`mlflow.runColor`)
+NOTE_CHARS = 7500  # below MLflow's limit on a tag's value
+
+
+def _note(answer: str, text: str) -> str:
+    """The study run's description: the answer, then the end of the study as printed."""
+    note = f"**{answer}**\n\n```text\n{text.strip()}\n```\n"
+    return note if len(note) <= NOTE_CHARS else note[: NOTE_CHARS - 20] + "\n...\n```\n"
+
+
+def _label(row: dict[str, Any]) -> str:
+    """A trial's name in the frontier plot, with the speedups the summary gives it."""
+    label = f"{row['trial']}: speedup {row['speedup']:.3g}"
+    if row.get("test_speedup") is not None:
+        label += f" (test {row['test_speedup']:.3g})"
+    return label
+
+
+def mark_winner(client: MlflowClient, experiment_id: str, trial: str) -> None:
+    """Tag the run of `trial` the winner (`apollo.winner`, coloured, its description saying
+    so), and no other run of the experiment (a resumed study may have crowned another)."""
+    for run in client.search_runs([experiment_id], f"tags.`{WINNER}` = 'true'"):
+        client.delete_tag(run.info.run_id, WINNER)
+        client.delete_tag(run.info.run_id, "mlflow.runColor")
+    run = find_run(client, experiment_id, **{TRIAL: trial})
+    if run is None:
+        return
+    client.set_tag(run.info.run_id, WINNER, "true")
+    client.set_tag(run.info.run_id, "mlflow.runColor", WINNER_COLOR)
+    client.set_tag(run.info.run_id, NOTE, f"**The study's best trial** ({trial}).")
+
+
 def register_best(
-    record: StudyRecord, study: StudyConfig, trial: str, measured: dict[str, str] | None = None
+    record: StudyRecord,
+    study: StudyConfig,
+    trial: str,
+    measured: dict[str, str] | None = None,
+    about: str | None = None,
 ) -> None:
     """Export the best trial's final checkpoint as a Hugging Face model folder (loadable with
     `from_pretrained`), log it to the trial's run as `model/` and register it as a new version
     of the registered model named after the experiment, tagged with what it `measured` on the
-    test split (`best_test_speedup`, `confirmed_test_speedup`, ...)."""
+    test split (`best_test_speedup`, `confirmed_test_speedup`, ...); `about` (the answer and the
+    schedule) is the description of both the version and the registered model."""
     client = record.client()
     run = find_run(client, record.experiment_id, **{TRIAL: trial})
     final = checkpoint_name(study.base.train.steps)
@@ -194,7 +244,10 @@ def register_best(
         source=f"{run.info.artifact_uri}/model",
         run_id=run.info.run_id,
         tags={"trial": trial, "format": "huggingface", **(measured or {})},
+        description=about,
     )
+    if about:
+        client.update_registered_model(study.experiment, description=about)
     print(
         f"mlflow: registered models:/{study.experiment}/{version.version} (trial {trial})",
         file=sys.stderr,

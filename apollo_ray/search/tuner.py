@@ -296,7 +296,9 @@ def confirm_driver(
     spec = StudyConfig.model_validate(study)
     run = runs[config["run"]]
     params = {**run["params"], "seed": run["seed"]}
-    _train_and_score(spec, params, params, "confirm", scratch, record, {CONFIRM_OF: run["trial"]})
+    name = f"{spec.experiment}-{run['trial']}-seed{run['seed']}"  # what it re-runs
+    tags = {CONFIRM_OF: run["trial"]}
+    _train_and_score(spec, params, params, "confirm", scratch, record, tags, name=name)
 
 
 def _train_and_score(
@@ -308,12 +310,12 @@ def _train_and_score(
     record: StudyRecord | None,
     tags: dict[str, str] | None = None,
     faults: dict[str, int | None] | None = None,
+    name: str | None = None,
 ) -> None:
     trial_id = tune.get_context().get_trial_id()
     out_dir = Path(study.study_dir) / "trials" / trial_id  # named from the trial id: retries resume
-    cfg = materialize(
-        study.base, params, name=f"{study.experiment}-{trial_id}", out_dir=str(out_dir)
-    )
+    name = name or f"{study.experiment}-{trial_id}"
+    cfg = materialize(study.base, params, name=name, out_dir=str(out_dir))
     storage = study.storage(study.experiment, "trials")
     folder = join_uri(storage, out_dir.name)  # where its checkpoints go
     try:

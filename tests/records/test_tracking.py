@@ -155,6 +155,10 @@ def test_search_is_recorded_in_mlflow(tiny_search):
     confirms = [r for r in children if r.data.tags[KIND] == "confirm"]
     assert {r.data.tags["apollo.confirm_of"] for r in confirms} == {best["trial"]}
     assert sorted(r.data.params["seed"] for r in confirms) == ["1", "2"]
+    assert sorted(r.info.run_name for r in confirms) == [  # named for what they re-run
+        f"tiny-{best['trial']}-seed1",
+        f"tiny-{best['trial']}-seed2",
+    ]
     ci = summary["confirmed"][0]["speedup"]
     assert study.data.metrics["confirmed_speedup"] == pytest.approx(ci["mean"])
     assert study.data.metrics["confirmed_speedup_low"] == pytest.approx(ci["low"])
@@ -169,6 +173,17 @@ def test_search_is_recorded_in_mlflow(tiny_search):
     ]
     optuna = {Path(a.path).name for a in client.list_artifacts(study.info.run_id, "plots/optuna")}
     assert "optimization_history.png" in optuna
+    top = {a.path for a in client.list_artifacts(study.info.run_id)}
+    assert "frontier_and_best_trials.png" in top
+    # at first sight: the answer as the experiment's and the study run's description, the
+    # winner marked (and no other run)
+    note = study.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**{summary['answer']}**") and "confirmed with fresh seeds" in note
+    experiment = client.get_experiment(study.info.experiment_id)
+    assert experiment.tags["mlflow.note.content"].startswith(summary["answer"])
+    winners = [r for r in children if r.data.tags.get("apollo.winner") == "true"]
+    assert [r.data.tags[TRIAL] for r in winners] == [best["trial"]]
+    assert winners[0].data.tags["mlflow.runColor"]
 
 
 @pytest.mark.slow
@@ -180,6 +195,9 @@ def test_best_model_is_registered_in_hugging_face_format(tiny_search, tmp_path):
     assert version.tags["trial"] == best["trial"]
     assert float(version.tags["best_test_speedup"]) == pytest.approx(best["test_speedup"], 1e-3)
     assert "confirmed_test_speedup" in version.tags
+    summary = json.loads((tiny_search / "tiny" / "summary.json").read_text())
+    assert version.description.startswith(summary["answer"])
+    assert client.get_registered_model("tiny").description == version.description
     source = client.get_model_version_download_uri("tiny", version.version)
     local = download_artifacts(artifact_uri=source, dst_path=str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(local)
