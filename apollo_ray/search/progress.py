@@ -21,6 +21,7 @@ import re
 import shutil
 import statistics
 import sys
+import textwrap
 import time
 import warnings
 from collections import deque
@@ -36,6 +37,7 @@ __all__ = ["RAY_LOGS", "TrialProgress", "calm_driver", "duration", "last_error_l
 
 RAY_LOGS = "/tmp/ray/session_latest/logs"  # on the head node: every worker's stdout/stderr
 ERROR_FILE = "error.txt"  # Tune's, in the trial's folder
+WIDTH = 100  # a trial's start line wraps at this many columns
 
 
 def duration(seconds: float) -> str:
@@ -205,7 +207,8 @@ class TrialProgress(Callback):
         if self.runs is not None and "run" in config:
             run = self.runs[config["run"]]
             return f"trial {run['trial']} with seed {run['seed']}"
-        return ", ".join(f"{k}={_short(v)}" for k, v in config.items())
+        shown = {k: v for k, v in config.items() if not INTERNAL.search(k)}
+        return ", ".join(f"{k.removeprefix('schedule.')}={_short(v)}" for k, v in shown.items())
 
     def _steps(self, trial) -> int:
         config = trial.config or {}
@@ -248,7 +251,8 @@ class TrialProgress(Callback):
             self._draw()
         elif trial.trial_id not in self.started:  # a retry said so when it failed
             what = self._what(trial)
-            self._emit([f"{self._name(trial.trial_id)} started" + (f": {what}" if what else "")])
+            line = f"{self._name(trial.trial_id)} started" + (f": {what}" if what else "")
+            self._emit(textwrap.wrap(line, WIDTH, subsequent_indent="    ", break_on_hyphens=False))
         self.started.setdefault(trial.trial_id, now)
 
     def _took(self, trial_id: str, word: str) -> str:
@@ -316,7 +320,12 @@ class TrialProgress(Callback):
             self._draw()
 
 
+INTERNAL = re.compile(r"\.\d+of\d+$")  # the sampler's coordinates of a searched list
+
+
 def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_short, value)) + "]"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

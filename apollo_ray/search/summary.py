@@ -229,7 +229,9 @@ def answer(confirmed: list[dict[str, Any]] | None, best: dict[str, Any] | None, 
     top = done[0]
     key, split = ("test_speedup", "test") if "test_speedup" in top else ("speedup", "validation")
     ci = Interval(**top[key])
-    measured = f"speedup {ci.mean:.3g}x" + (
+    first = next(filter(None, top["bounds"]), "")  # a seed beyond the frontier: a bound
+    bound = {"lower": "at least ", "upper": "at most "}.get(first, "")
+    measured = f"speedup {bound}{ci.mean:.3g}x" + (
         " (one seed: no interval)"
         if ci.low is None
         else f", 95% interval [{ci.low:.3g}, {ci.high:.3g}] over {ci.n} seeds"
@@ -239,13 +241,13 @@ def answer(confirmed: list[dict[str, Any]] | None, best: dict[str, Any] | None, 
     if ci.significant is None:
         verdict = f"{who} read a {measured}"
     elif ci.low > 1:
-        least = "at least " if "lower" in top["bounds"] else ""
         verdict = (
-            f"{who} saved {least}{1 - 1 / ci.mean:.0%} of scratch's compute for scratch's loss: "
+            f"{who} saved {bound}{1 - 1 / ci.mean:.0%} of scratch's compute for scratch's loss: "
             f"{measured}"
         )
     elif ci.high < 1:
-        verdict = f"{who} cost {1 / ci.mean - 1:.0%} more compute than scratch: {measured}"
+        more = {"at most ": "at least ", "at least ": "at most "}.get(bound, "")
+        verdict = f"{who} cost {more}{1 / ci.mean - 1:.0%} more compute than scratch: {measured}"
     else:
         verdict = (
             f"no schedule differed from scratch: {who} read a {measured}, an interval that holds 1"

@@ -97,7 +97,7 @@ def test_without_a_terminal_a_trial_prints_one_line_as_it_starts_and_one_as_it_e
     text = out.getvalue()
     assert "\r" not in text and "\x1b" not in text
     assert text.splitlines() == [
-        "trial cf182f63 started: schedule.alpha=0.5488, train.lr=0.003",
+        "trial cf182f63 started: alpha=0.5488, train.lr=0.003",
         "trial cf182f63 finished in 1m00s: eval loss 5.4321, speedup 1.23",
     ]
 
@@ -285,3 +285,19 @@ def test_calm_driver_quiets_ray_unless_verbose(restore_logging):
     )
     kept = tune_log.makeRecord("ray.tune.tune", logging.ERROR, "f", 1, "other", (), None)
     assert not tune_log.filter(dropped) and tune_log.filter(kept)
+
+
+def test_a_start_line_leaves_out_the_samplers_coordinates_and_wraps_at_100_columns(tmp_path):
+    callback, out, _ = progress(tmp_path, live=False)
+    config = {
+        "schedule.depths": [1, 2, 4],
+        "schedule.stage_ends.1of2": 0.2646,  # how the sampler draws stage_ends: not shown
+        "schedule.stage_ends": [0.1212345, 0.5032],
+        **{f"schedule.knob_{i}": 0.123456 for i in range(8)},
+    }
+    t = trial(tmp_path, "e5", **config)
+    callback.on_trial_start(0, [t], t)
+    lines = out.getvalue().splitlines()
+    assert len(lines) > 1 and all(len(line) <= 100 for line in lines)
+    assert lines[0].startswith("trial e5 started: depths=[1, 2, 4], stage_ends=[0.1212, 0.5032], ")
+    assert "1of2" not in out.getvalue() and lines[1].startswith("    knob_")

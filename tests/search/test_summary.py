@@ -192,7 +192,9 @@ def test_the_answer_is_one_sentence_with_its_interval_its_verdict_and_the_regime
     cost = answer([confirmed_entry("c", [0.5, 0.45, 0.4])], None, REGIME)
     assert "(trial c) cost 123% more compute than scratch: speedup 0.448x" in cost
     least = answer([confirmed_entry("d", [1.5, 1.6, 1.55], ["lower"] * 3)], None, REGIME)
-    assert "saved at least 35%" in least
+    assert "saved at least 35%" in least and "speedup at least 1.55x" in least
+    most = answer([confirmed_entry("f", [0.66, 0.66], ["upper"] * 2)], None, REGIME)
+    assert "cost at least 52% more compute than scratch: speedup at most 0.66x" in most
     single = answer(None, {"trial": "e", "speedup": 1.2, "test_speedup": 1.1}, REGIME)
     assert "best trial e read a speedup of 1.1x on the test split, one seed and no" in single
 
