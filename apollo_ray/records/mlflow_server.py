@@ -90,6 +90,8 @@ class LocalServer:
             str(self.port),
             "--workers",
             "1",
+            "--app-name",
+            "apollo",  # MLflow's app, opening experiments in the model-training view (ui_app)
         ]
 
     def __enter__(self) -> LocalServer:
@@ -104,7 +106,12 @@ class LocalServer:
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                 # no GenAI job runners: a dozen ~250 MB processes that a training store never uses
-                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                # nor the AI gateway, whose "Detect Issues" pop-up covers the page
+                env={
+                    **os.environ,
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                    "MLFLOW_ENABLE_AI_GATEWAY": "false",
+                },
             )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

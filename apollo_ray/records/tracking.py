@@ -270,7 +270,7 @@ def _experiment(client: MlflowClient, name: str) -> str:
         exp_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp_id)
-    # MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it trains models
+    # MLflow 3 UIs before 3.17 read the experiment's kind from this tag (3.17's view: ui_app.py)
     client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
     return exp_id
 
@@ -305,6 +305,8 @@ def study_run(study: StudyConfig, yaml_path: str, uri: str, resume: bool) -> Ite
                 print(f"mlflow: closed {len(closed)} run(s) left RUNNING", file=sys.stderr)
             if error is not None:
                 client.set_tag(parent, END, reason(error))
+            elif END in client.get_run(parent).data.tags:  # why an earlier start stopped
+                client.delete_tag(parent, END)
             client.set_terminated(parent, end_status(error))
         except Exception as e:  # MLflow unreachable: say so, keep the study's own error
             print(f"mlflow: could not close the study's runs at {uri}: {e}", file=sys.stderr)

@@ -53,9 +53,11 @@ def test_mlflow_ui_shows_the_trials(tiny_search):
         text = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
         try:
             page = f"{server.uri}/#/experiments/{exp.experiment_id}"
-            driver.get(f"{page}/runs?workflowType=machine_learning")
+            driver.get(page)  # as a user opens it: the model-training view, the runs table
             expand = "button[data-component-id$='runnamecellrenderer.tsx_46']"  # the study row's +
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, expand))
+            assert "/runs" in driver.current_url and "Detect Issues" not in text()
+            wait.until(lambda d: "answer:" in text())  # the experiment's description
             for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
                 close.click()  # the assistant side panel
             driver.find_element(By.CSS_SELECTOR, expand).click()
@@ -72,8 +74,13 @@ def test_mlflow_ui_shows_the_trials(tiny_search):
             wait.until(lambda d: f"{ok.info.run_name} (eval_loss)" in text() and "Step" in text())
             driver.save_screenshot(str(SCREENSHOTS / "mlflow-eval-loss-charts.png"))
 
-            driver.get(f"{page}/runs/{ok.info.run_id}?workflowType=machine_learning")
+            driver.get(f"{page}/runs/{ok.info.run_id}")
             wait.until(lambda d: "final_eval_loss" in text() and "speedup" in text())
             driver.save_screenshot(str(SCREENSHOTS / "mlflow-trial.png"))
+
+            (study,) = [r for r in runs if r.data.tags[KIND] == "study"]
+            driver.get(f"{page}/runs/{study.info.run_id}")  # its description: the answer, the table
+            wait.until(lambda d: "answer:" in text() and "confirmed with fresh seeds" in text())
+            driver.save_screenshot(str(SCREENSHOTS / "mlflow-study.png"))
         finally:
             driver.quit()

@@ -177,6 +177,7 @@ def test_search_is_recorded_in_mlflow(tiny_search):
     assert "frontier_and_best_trials.png" in top
     # at first sight: the answer as the experiment's and the study run's description, the
     # winner marked (and no other run)
+    assert "apollo.end" not in study.data.tags  # the interrupted start's reason, gone once done
     note = study.data.tags["mlflow.note.content"]
     assert note.startswith(f"**{summary['answer']}**") and "confirmed with fresh seeds" in note
     experiment = client.get_experiment(study.info.experiment_id)
