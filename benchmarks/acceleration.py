@@ -69,14 +69,13 @@ from matplotlib.figure import Figure
 
 from apollo_ray.config import ModelConfig, RunConfig, load_run_config
 from apollo_ray.data.shards import load_manifest, prepare
-from apollo_ray.method.model import TransformerLM
 from apollo_ray.search.sweep import Job, Setting, Sweep, alone, scratch_run, sweep, wsd_runs
 from apollo_ray.training.checkpoints import checkpoint_name
 from apollo_ray.training.checkpoints import load as load_checkpoint
 from apollo_ray.training.trainer import Trainer
 from apollo_ray.yardstick.envelope import EvalPoint, Flag, check, lower_envelope
 from apollo_ray.yardstick.frontier import Frontier, FrontierPoint, rank_key
-from apollo_ray.yardstick.regime import PLATEAU, unigram_entropy
+from apollo_ray.yardstick.regime import PLATEAU, non_embedding_params, unigram_entropy
 from apollo_ray.yardstick.stats import log_interval, paired_log_interval
 from benchmarks.common import RESULTS, machine, print_table
 
@@ -249,11 +248,11 @@ class Bench:
             vocab_size=self.manifest.vocab_size,
             dropout=0.0,
         )
-        self.params = sum(q.numel() for q in TransformerLM(model).layers.parameters())
+        self.params = non_embedding_params(model)
         self.steps = math.ceil(p.tokens_per_param * self.params / (p.micro_batch * p.seq_len))
         self.warmup_steps = max(1, round(0.025 * self.steps))  # every budget's, every arm's
         self.train_tokens = self.manifest.splits["train"].tokens
-        self.entropy = unigram_entropy(data, kind)
+        self.entropy = unigram_entropy(data, kind, self.manifest)
         self.searched: RunConfig | None = None  # the best.yaml of `--searched`
         self.tuned: Sweep | None = None  # scratch's sweep, once run
         self.finished: dict[str, Result] = {}  # by run name: each file read or run trained once

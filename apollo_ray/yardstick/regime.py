@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apollo_ray.config import RunConfig
-from apollo_ray.data import load_manifest, open_split
+from apollo_ray.config import ModelConfig, RunConfig
+from apollo_ray.data import Manifest, load_manifest, open_split
 from apollo_ray.method.model import TransformerLM
 
 __all__ = ["PLATEAU", "Regime", "non_embedding_params", "regime", "unigram_entropy"]
@@ -25,10 +25,10 @@ PLATEAU = 0.8  # scratch at or above this fraction of the unigram entropy: still
 ENTROPY_TOKENS = 50_000_000  # the entropy of a larger training split is read from its start
 
 
-def unigram_entropy(data: str | Path, kind: str) -> float:
+def unigram_entropy(data: str | Path, kind: str, manifest: Manifest | None = None) -> float:
     """Entropy (nats) of the training split's token frequencies (its first `ENTROPY_TOKENS`
     tokens); for bert, over the tokens that are not special."""
-    manifest = load_manifest(data)
+    manifest = manifest or load_manifest(data)
     counts = np.zeros(manifest.vocab_size, dtype=np.float64)
     left = ENTROPY_TOKENS
     for shard in open_split(data, "train", manifest):
@@ -42,11 +42,11 @@ def unigram_entropy(data: str | Path, kind: str) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def non_embedding_params(cfg: RunConfig, vocab_size: int) -> int:
+def non_embedding_params(model: ModelConfig) -> int:
     """The full model's parameters outside its embeddings and output head (its layers)."""
     with torch.device("meta"):  # shapes only, no memory
-        model = TransformerLM(cfg.model.model_copy(update={"vocab_size": vocab_size}))
-    return sum(p.numel() for p in model.layers.parameters())
+        layers = TransformerLM(model).layers
+    return sum(p.numel() for p in layers.parameters())
 
 
 @dataclass(frozen=True)
@@ -102,9 +102,11 @@ def regime(cfg: RunConfig, scratch_loss: float | None = None) -> Regime:
     t = cfg.train
     tokens = t.steps * t.grad_accum * t.micro_batch * cfg.data.seq_len * cfg.resources.workers
     return Regime(
-        params=non_embedding_params(cfg, manifest.vocab_size),
+        params=non_embedding_params(
+            cfg.model.model_copy(update={"vocab_size": manifest.vocab_size})
+        ),
         tokens=tokens,
         train_tokens=manifest.splits["train"].tokens,
-        entropy=unigram_entropy(cfg.data.path, cfg.model.kind),
+        entropy=unigram_entropy(cfg.data.path, cfg.model.kind, manifest),
         scratch_loss=scratch_loss,
     )
