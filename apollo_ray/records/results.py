@@ -32,7 +32,7 @@ from apollo_ray.yardstick.scratch import Scratch
 __all__ = ["SCORE_METRICS", "log_frontier", "log_run_results", "log_study_results", "register_best"]
 
 # A trial's scores against the frontier that become MLflow metrics (besides paper_*)
-SCORE_METRICS = ("eval_loss_se", "speedup", "saving", "wall_speedup", "wall_saving")
+SCORE_METRICS = ("eval_loss_se", "speedup", "saving", "wall_speedup", "wall_saving", "test_speedup")
 
 
 def log_run_results(

@@ -57,6 +57,7 @@ __all__ = [
     "start_run",
     "study_run",
     "tracked_run",
+    "trial_name",
     "trial_runs_callback",
 ]
 
@@ -335,6 +336,12 @@ def save_session(study: StudyConfig, record: StudyRecord) -> None:
     session.write_text(json.dumps(asdict(record)))
 
 
+def trial_name(trial) -> str:
+    """What a Tune trial is called in the study (its MLflow tag, its folder): the name its
+    trainable reads (`get_trial_name()`), which the study gives it (`apollo_ray.search.tuner`)."""
+    return str(trial)
+
+
 def trial_runs_callback(study: StudyConfig):
     """A Tune callback in the study driver that ends the MLflow run of a trial that ended
     without ending it itself: stopped by ASHA (KILLED) or killed with its driver (FAILED).
@@ -360,18 +367,19 @@ def trial_runs_callback(study: StudyConfig):
                 with quick_failure(patient=False):
                     self._close_run(trial, status, why)
             except Exception as e:
-                print(f"mlflow: trial {trial.trial_id} not closed: {e}", file=sys.stderr)
+                print(f"mlflow: trial {trial_name(trial)} not closed: {e}", file=sys.stderr)
 
         def _close_run(self, trial, status: str, why: str) -> None:
             record = StudyRecord(**json.loads(self.session.read_text()))
             client = record.client()
-            run = find_run(client, record.experiment_id, **{TRIAL: trial.trial_id})
+            name = trial_name(trial)
+            run = find_run(client, record.experiment_id, **{TRIAL: name})
             if run is None or run.info.status != "RUNNING":
                 return
             # the trial is over (stopped, or failed after its retries: a resumed study does not
             # retry errored trials), so every row is final
-            store = StorageStore(join_uri(self.storage, trial.trial_id), self.keep)
-            run_dir = self.session.parent / "trials" / trial.trial_id
+            store = StorageStore(join_uri(self.storage, name), self.keep)
+            run_dir = self.session.parent / "trials" / name
             sync(run_dir, record.uri, ended=True, store=store)
             client.set_tag(run.info.run_id, END, why)
             client.set_terminated(run.info.run_id, status)

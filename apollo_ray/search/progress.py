@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 from ray.tune.callback import Callback
 
+from apollo_ray.records.tracking import trial_name
 from apollo_ray.storage import join_uri
 from apollo_ray.training.runlog import DIVERGED_KEY
 
@@ -197,16 +198,15 @@ class TrialProgress(Callback):
         self.out.flush()
         self.drawn, self.last_draw = len(live), now
 
-    def _name(self, trial_id: str) -> str:
-        return f"{self.kind} {trial_id}"
+    def _name(self, name: str) -> str:
+        return f"{self.kind} {name}"
 
     # ------------------------------------------------------------------ what a trial is
 
     def _what(self, trial) -> str:
         config = trial.config or {}
         if self.runs is not None and "run" in config:
-            run = self.runs[config["run"]]
-            return f"trial {run['trial']} with seed {run['seed']}"
+            return ""  # its name says which trial it re-runs, with which seed
         shown = {k: v for k, v in config.items() if not INTERNAL.search(k)}
         return ", ".join(f"{k.removeprefix('schedule.')}={_short(v)}" for k, v in shown.items())
 
@@ -230,7 +230,7 @@ class TrialProgress(Callback):
             folder = join_uri(self.storage, Path(folder).name)
         where = f"error: {join_uri(folder, ERROR_FILE)}"
         if self.run_root:
-            where += f"; run folder: {join_uri(self.run_root, trial.trial_id)}"
+            where += f"; run folder: {join_uri(self.run_root, trial_name(trial))}"
         return where
 
     def _error(self, trial) -> str:
@@ -246,23 +246,23 @@ class TrialProgress(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         now = self.clock()
-        self.running[trial.trial_id] = _Run(self._steps(trial), self._stages(trial), now)
+        self.running[trial_name(trial)] = _Run(self._steps(trial), self._stages(trial), now)
         if self.live:
             self._draw()
-        elif trial.trial_id not in self.started:  # a retry said so when it failed
+        elif trial_name(trial) not in self.started:  # a retry said so when it failed
             what = self._what(trial)
-            line = f"{self._name(trial.trial_id)} started" + (f": {what}" if what else "")
+            line = f"{self._name(trial_name(trial))} started" + (f": {what}" if what else "")
             self._emit(textwrap.wrap(line, WIDTH, subsequent_indent="    ", break_on_hyphens=False))
-        self.started.setdefault(trial.trial_id, now)
+        self.started.setdefault(trial_name(trial), now)
 
-    def _took(self, trial_id: str, word: str) -> str:
-        started = self.started.get(trial_id)
+    def _took(self, name: str, word: str) -> str:
+        started = self.started.get(name)
         return "" if started is None else f" {word} {duration(self.clock() - started)}"
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        run = self.running.get(trial.trial_id)
+        run = self.running.get(trial_name(trial))
         if run is None:  # a result without a start: Tune resumed a running trial
-            run = self.running[trial.trial_id] = _Run(
+            run = self.running[trial_name(trial)] = _Run(
                 self._steps(trial), self._stages(trial), self.clock()
             )
         run.update(result, self.clock())
@@ -275,10 +275,10 @@ class TrialProgress(Callback):
             self._draw()
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        run = self.running.pop(trial.trial_id, None)
+        run = self.running.pop(trial_name(trial), None)
         row = {**(getattr(trial, "last_result", None) or {}), **(run.row if run else {})}
-        took = self._took(trial.trial_id, "in")
-        name = self._name(trial.trial_id)
+        took = self._took(trial_name(trial), "in")
+        name = self._name(trial_name(trial))
         if DIVERGED_KEY in row:  # its loss went NaN/inf (the reason names its folder): not retried
             self._emit([f"{name} diverged{took}: {row[DIVERGED_KEY]}"])
             return
@@ -299,19 +299,19 @@ class TrialProgress(Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         """A failure that Tune retries (`resources.max_failures`): its error once, not again
         while it stays the same."""
-        run = self.running.pop(trial.trial_id, None)
+        run = self.running.pop(trial_name(trial), None)
         at = f" at step {run.row['step']}" if run and "step" in run.row else ""
         error = self._error(trial)
-        said = self.errors.get(trial.trial_id) == error
-        self.errors[trial.trial_id] = error
+        said = self.errors.get(trial_name(trial)) == error
+        self.errors[trial_name(trial)] = error
         why = " again (the same error)" if said else f": {error}"
-        self._emit([f"{self._name(trial.trial_id)} failed{at}{why}; retrying"])
+        self._emit([f"{self._name(trial_name(trial))} failed{at}{why}; retrying"])
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        run = self.running.pop(trial.trial_id, None)
+        run = self.running.pop(trial_name(trial), None)
         at = f" at step {run.row['step']}/{run.steps}" if run and "step" in run.row else ""
-        took = self._took(trial.trial_id, "after")
-        name = self._name(trial.trial_id)
+        took = self._took(trial_name(trial), "after")
+        name = self._name(trial_name(trial))
         self._emit([f"{name} failed{took}{at}: {self._error(trial)}", f"  {self._where(trial)}"])
 
     def on_experiment_end(self, trials: list, **info) -> None:

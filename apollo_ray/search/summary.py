@@ -57,7 +57,7 @@ def trial_rows(study: StudyConfig, grid) -> list[dict[str, Any]]:
         params = {k: v for k, v in (result.config or {}).items() if k in study.search.space}
         rows.append(
             {
-                "trial": m.get("trial_id") or Path(result.path).name,
+                "trial": Path(result.path).name,  # the trial's name (`tuner._names`)
                 "status": status,
                 "params": params,
                 **{k: m.get(k) for k in ROW_FIELDS},

@@ -127,6 +127,7 @@ def run_search(
             num_samples=study.search.trials,
             max_concurrent_trials=concurrent,
             reuse_actors=True,  # a finished trial's process takes the next: no start, no imports
+            **_names(functools.partial(_numbered, width=len(str(study.search.trials)))),
         ),
         run_config=_run_config(study, "search", record, progress),
     )
@@ -162,11 +163,30 @@ def run_confirm(
         trainable,
         param_space={"run": tune.grid_search(list(range(len(runs))))},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=study.search.max_concurrent_trials, reuse_actors=True
+            max_concurrent_trials=study.search.max_concurrent_trials,
+            reuse_actors=True,
+            **_names(functools.partial(_rerun, runs=runs)),
         ),
         run_config=_run_config(study, "confirm", record, progress),
     )
     return _ended(tuner.fit(), len(runs))
+
+
+def _names(name) -> dict[str, Any]:
+    """Tune's trial ids are random: two clones of a study would name the same trials apart.
+    A trial is named (its runs, folders and lines) by `name` instead, from what it is."""
+    return {"trial_name_creator": name, "trial_dirname_creator": name}
+
+
+def _numbered(trial, width: int) -> str:
+    """A search trial's name: its place in the order the sampler suggested the trials."""
+    return f"trial{int(trial.experiment_tag.split('_', 1)[0]):0{width}d}"
+
+
+def _rerun(trial, runs: list[dict[str, Any]]) -> str:
+    """A confirmation run's name: the trial it re-runs and its seed."""
+    run = runs[trial.config["run"]]
+    return f"{run['trial']}-seed{run['seed']}"
 
 
 def _ended(grid: tune.ResultGrid, trials: int) -> tune.ResultGrid:
@@ -296,9 +316,8 @@ def confirm_driver(
     spec = StudyConfig.model_validate(study)
     run = runs[config["run"]]
     params = {**run["params"], "seed": run["seed"]}
-    name = f"{spec.experiment}-{run['trial']}-seed{run['seed']}"  # what it re-runs
     tags = {CONFIRM_OF: run["trial"]}
-    _train_and_score(spec, params, params, "confirm", scratch, record, tags, name=name)
+    _train_and_score(spec, params, params, "confirm", scratch, record, tags)
 
 
 def _train_and_score(
@@ -310,16 +329,14 @@ def _train_and_score(
     record: StudyRecord | None,
     tags: dict[str, str] | None = None,
     faults: dict[str, int | None] | None = None,
-    name: str | None = None,
 ) -> None:
-    trial_id = tune.get_context().get_trial_id()
-    out_dir = Path(study.study_dir) / "trials" / trial_id  # named from the trial id: retries resume
-    name = name or f"{study.experiment}-{trial_id}"
-    cfg = materialize(study.base, params, name=name, out_dir=str(out_dir))
+    trial = tune.get_context().get_trial_name()  # `_names`: retries resume from its folder
+    out_dir = Path(study.study_dir) / "trials" / trial
+    cfg = materialize(study.base, params, name=f"{study.experiment}-{trial}", out_dir=str(out_dir))
     storage = study.storage(study.experiment, "trials")
     folder = join_uri(storage, out_dir.name)  # where its checkpoints go
     try:
-        with tracked_run(study, record, cfg, kind, searched, trial_id, tags, folder) as target:
+        with tracked_run(study, record, cfg, kind, searched, trial, tags, folder) as target:
             if solo.applies(cfg):
                 solo.train(cfg, storage, tracking=target, faults=faults, report=tune.report)
             else:

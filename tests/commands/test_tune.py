@@ -46,6 +46,8 @@ def test_search_scores_trials_and_records_failures(tiny_search):
     summary = json.loads((out / "summary.json").read_text())
     statuses = [t["status"] for t in summary["trials"]]
     assert len(statuses) == 3 and statuses.count("ok") >= 1
+    # named in the order the sampler suggested them: two clones of a study name them alike
+    assert sorted(t["trial"] for t in summary["trials"]) == ["trial1", "trial2", "trial3"]
     failed = [s for s in statuses if s != "ok"]
     assert failed and all(s.startswith("diverged: loss is nan") for s in failed)  # lr = 1e9
     # a diverged trial ends at once, not as an error that Tune would retry (the finished trial

@@ -6,7 +6,6 @@ format)."""
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -47,8 +46,8 @@ def test_runs_left_running_are_closed(tmp_path, gpt_data):
     study = load_study(tiny_study(tmp_path, gpt_data, "leftovers"))
     save_session(study, StudyRecord(uri, exp, parent))  # as the study's start does
     callback = trial_runs_callback(study)
-    callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))
-    callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t2"))
+    callback.on_trial_complete(0, [], "t1")  # a trial's name is what str() gives
+    callback.on_trial_complete(0, [], "t2")
     assert client.get_run(stopped).info.status == "KILLED"
     assert client.get_run(stopped).data.tags["apollo.end"] == "stopped early by the scheduler"
     assert client.get_run(finished).info.status == "FINISHED"

@@ -32,18 +32,25 @@ class Clock:
         return self.now
 
 
-def trial(tmp_path: Path, trial_id: str, error: str | None = None, **config) -> SimpleNamespace:
+class StandIn(SimpleNamespace):
     """A stand-in for `ray.tune.experiment.Trial`: its id, config, storage folder (`path`),
-    driver-side folder (`local_path`, where `error_file` lies) and last result."""
-    name = f"trial_driver_{trial_id}_1"
+    driver-side folder (`local_path`, where `error_file` lies), last result, and its name as
+    `str` gives it."""
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def trial(tmp_path: Path, name: str, error: str | None = None, **config) -> StandIn:
     path, local = tmp_path / "storage" / name, tmp_path / "staging" / name
     local.mkdir(parents=True)
     error_file = None
     if error is not None:
         error_file = str(local / "error.txt")
         Path(error_file).write_text(error)
-    return SimpleNamespace(
-        trial_id=trial_id,
+    return StandIn(
+        name=name,
+        trial_id=f"id-{name}",
         config=config,
         path=str(path),
         local_path=str(local),
@@ -81,6 +88,7 @@ def test_the_stand_in_has_the_attributes_of_a_real_trial():
 
     for name in ("trial_id", "config", "path", "local_path", "error_file", "last_result"):
         assert hasattr(Trial, name) or name in Trial.__init__.__code__.co_names, name
+    assert "custom_trial_name" in Trial._trainable_name.__code__.co_names  # what str() gives
 
 
 def test_without_a_terminal_a_trial_prints_one_line_as_it_starts_and_one_as_it_ends(tmp_path):
@@ -146,8 +154,7 @@ def test_a_failed_trial_prints_its_error_and_where_its_logs_are(tmp_path):
         f"trial e1168725 failed at step 25: {error}; retrying",
         "trial e1168725 failed again (the same error); retrying",
         f"trial e1168725 failed after 7s: {error}",
-        f"  error: {study}/tune/search/trial_driver_e1168725_1/error.txt; "
-        f"run folder: {study}/trials/e1168725",
+        f"  error: {study}/tune/search/e1168725/error.txt; run folder: {study}/trials/e1168725",
     ]
 
 
@@ -217,16 +224,16 @@ def test_a_live_line_fits_the_terminal(tmp_path, monkeypatch):
     assert all(len(line) <= 39 for line in out.getvalue().split("\x1b[J")[-1].splitlines())
 
 
-def test_a_re_run_says_which_trial_and_seed_it_repeats(tmp_path):
-    runs = [{"trial": "cf182f63", "seed": 1, "params": {"train.steps": 300}}]
+def test_a_re_run_is_named_for_the_trial_and_seed_it_repeats(tmp_path):
+    runs = [{"trial": "trial3", "seed": 1, "params": {"train.steps": 300}}]
     callback, out, _ = progress(tmp_path, live=False, kind="re-run", runs=runs)
-    t = trial(tmp_path, "6bd8d_00000", run=0)
+    t = trial(tmp_path, "trial3-seed1", run=0)
     callback.on_trial_start(0, [t], t)
     callback.on_trial_result(0, [t], t, row(100, eval_loss=6.0))
     callback.on_trial_complete(0, [t], t)
     assert out.getvalue().splitlines() == [
-        "re-run 6bd8d_00000 started: trial cf182f63 with seed 1",
-        "re-run 6bd8d_00000 stopped early by the scheduler at step 100/300 in 0s "
+        "re-run trial3-seed1 started",
+        "re-run trial3-seed1 stopped early by the scheduler at step 100/300 in 0s "
         "(eval loss 6.0000)",
     ]
 
