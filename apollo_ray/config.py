@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -43,8 +43,12 @@ class ConfigError(ValueError):
     """A configuration file or value is invalid; the message says where and what is allowed."""
 
 
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # unknown fields refused; a number must be finite (`.inf` and `.nan` are YAML floats)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -100,7 +104,7 @@ class DataConfig(Strict):
 class TrainConfig(Strict):
     """The optimisation loop: budget, batch, optimiser, LR schedule, precision and cadence."""
 
-    steps: int = Field(1000, ge=1, description="optimizer steps (the budget)")
+    steps: int = Field(1000, ge=1, le=10**9, description="optimizer steps (the budget)")
     micro_batch: int = Field(16, ge=1, description="sequences per micro-batch (per worker)")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
     lr: float = Field(1e-4, gt=0.0, description="peak learning rate")
@@ -123,7 +127,7 @@ class TrainConfig(Strict):
     weight_decay: float = Field(
         0.01, ge=0.0, description="AdamW weight decay (not on norms/biases)"
     )
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
     grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm (0 disables clipping)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32"
@@ -166,7 +170,7 @@ class ScheduleConfig(Strict):
     at a stage end the layers grow with `growth`. `depths: [L]` (one stage) trains from scratch.
     """
 
-    depths: list[int] = Field(
+    depths: list[Annotated[int, Field(ge=1)]] = Field(
         [1, 3, 6, 12],
         min_length=1,
         description="physical layers per stage; the last is model.n_layer",
@@ -269,7 +273,7 @@ class RunConfig(Strict):
 
     name: str = Field(description="run name; also the default output folder name")
     out_dir: str | None = Field(None, description="output folder (default runs/<name>)")
-    seed: int = Field(0, ge=0, description="seed for init, data order, masking and dropout")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed for init, data order, masking, dropout")
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
@@ -300,8 +304,9 @@ class RunConfig(Strict):
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """Render pydantic errors as `file: yaml.path: problem (got value)` lines."""
-    lines = [f"{source}: invalid configuration"]
+    """Pydantic's errors as one line, `file: yaml.path: problem (got value)`, each problem after
+    the first joined with `; ` (never pydantic's documentation URL)."""
+    problems = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<top level>"
         msg = e["msg"].removeprefix("Value error, ")
@@ -309,18 +314,30 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             msg = "unknown field (check the spelling; allowed fields are documented in --help)"
         got = e.get("input")
         shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"  {where}: {msg}{shown}")
-    return "\n".join(lines)
+        problems.append(f"{where}: {msg}{shown}".replace("\n", " "))
+    return f"{source}: " + "; ".join(problems)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML file holds; a `ConfigError` in one line for a file that is missing,
+    not UTF-8 text, or not YAML."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a text file (byte {e.start} is not UTF-8); a study or run is UTF-8 YAML"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text file (it holds NUL bytes); a study or run is YAML")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

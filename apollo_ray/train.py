@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, get_args
@@ -30,7 +31,7 @@ import yaml
 
 from apollo_ray.config import ConfigError, RunConfig, load_run_config
 from apollo_ray.data import DataError, check_data
-from apollo_ray.launch.preflight import machine, placeholders, storage
+from apollo_ray.launch.preflight import folder, machine, placeholders, storage
 from apollo_ray.storage import is_uri
 from apollo_ray.study.schema import TrackingConfig
 from apollo_ray.training.faults import add_arguments as add_fault_arguments
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         faults = requested(args)
         on_ray = bool(cfg.resources.workers > 1 or args.workers or args.address or faults)
         placeholders({"data.path": cfg.data.path, "--mlflow-uri": args.mlflow_uri})
+        folder("out_dir", cfg.output_dir)
+        if not (args.no_track or args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            folder("--output-dir", args.output_dir)  # the local MLflow store
         if on_ray:
             machine(cfg.resources, args.address)
         if not is_uri(cfg.data.path):

@@ -5,17 +5,20 @@
     python -m apollo_ray.tune search_spaces/small.yaml --resume   # finish an interrupted study,
                                                     # or print a finished one's end again
     python -m apollo_ray.tune search_spaces/small.yaml --verbose  # Ray's logs on the terminal too
+    python -m apollo_ray.tune search_spaces/small.yaml --check    # the checks below, no Ray
     python -m apollo_ray.tune search_spaces/small.yaml --kill-at-step 7  # chaos: each trial
                                                     # is killed once and must resume
 
-In order, cheapest first (`apollo_ray.launch.preflight`): the study file is validated and searched
-for placeholders (YOUR-BUCKET), the machine checked against a GPU study when no cluster is
-named, local data checked, the MLflow server checked (or a local one started), storage URIs
-reached, the data prepared if the study asks for it and checked against the base run
-(`check_data`), Ray joined and its resources checked; each failure is one `error:` line. Then
-the scratch frontier is trained once (or reused from `<output_dir>/baselines/`), the trials
-run (`apollo_ray.search.tuner`), and the end is summarised: a table, `best.yaml` (a ready-to-use run
-config) and `summary.json` in `<output_dir>/<experiment>/`, and the study's MLflow run.
+In order, cheapest first (`apollo_ray.launch.preflight`): the study file is validated and
+searched for placeholders (YOUR-BUCKET), the machine checked against a GPU study when no
+cluster is named, the output folders checked, local data read as a run reads it (its manifest,
+tokenizer and every shard's header: `check_data`; `--check` stops here), the MLflow server
+checked (or a local one started), storage URIs reached, the data prepared if the study asks for
+it and checked against the base run, Ray joined and its resources checked; each failure is one
+`error:` line. Then the scratch frontier is trained once (or reused from
+`<output_dir>/baselines/`), the trials run (`apollo_ray.search.tuner`), and the end is
+summarised: a table, `best.yaml` (a ready-to-use run config) and `summary.json` in
+`<output_dir>/<experiment>/`, and the study's MLflow run.
 
 While the trials run, the terminal shows one line per running trial (`apollo_ray.search.progress`),
 redrawn in place; without a terminal (CI, a log file) one line as each trial starts and one as
@@ -34,7 +37,7 @@ from pathlib import Path
 from apollo_ray.config import ConfigError
 from apollo_ray.data import DataError, check_data, prepare, resolve_source
 from apollo_ray.data.shards import MANIFEST, load_manifest
-from apollo_ray.launch.preflight import join_ray, machine, placeholders, storage
+from apollo_ray.launch.preflight import folder, join_ray, machine, placeholders, storage
 from apollo_ray.records.mlflow_server import check_tracking, tracking_uri
 from apollo_ray.storage import is_uri
 from apollo_ray.study.schema import StudyConfig, load_study
@@ -68,6 +71,7 @@ def cheap_checks(study: StudyConfig, address: str | None) -> None:
         }
     )
     machine(study.base.resources, address, "base.resources")
+    folder("output_dir", study.output_dir)
     path = study.base.data.path
     if is_uri(path):
         return
@@ -75,6 +79,7 @@ def cheap_checks(study: StudyConfig, address: str | None) -> None:
         check_data(study.base.data, study.base.model.kind, field=BASE_DATA)
         check_prepared_as_asked(study)
         return
+    folder(BASE_DATA, path)  # where the study prepares its data
     p = study.prepare
     for spec in p.sources:
         if not spec.startswith("hub:"):  # a Hub dataset is reached when it is prepared
@@ -267,12 +272,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="show Ray's logs and the workers' output too (otherwise only in Ray's log files)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the study, as it starts: the file, its folders and its local data "
+        "(every file a run reads), without Ray, MLflow or the network; exit 0 if all pass",
+    )
     add_fault_arguments(
         parser, "each trial must resume from its last checkpoint", "each trial's (last) worker"
     )
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study)
+        if args.check:
+            cheap_checks(study, args.address)
+            print(f"{args.study}: the study, its folders and its local data pass the checks")
+            return 0
         if args.resume:  # a finished study answers at once, without Ray or MLflow
             from apollo_ray.search.summary import finished
 

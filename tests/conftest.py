@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow.fs
 import pytest
 import yaml
+from hypothesis import settings
 
 from apollo_ray.config import RunConfig
 from apollo_ray.data import prepare
@@ -35,6 +36,12 @@ from apollo_ray.storage import join_uri
 # the run, a dead worker); in these runs of a dozen steps that wait is most of a run's time.
 # Every Ray this session starts polls every 0.2 s: its raylets pass this on to the controllers.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+# Hypothesis (tests/commands/test_bad_input.py): in CI a bounded number of draws, the same ones
+# every run; HYPOTHESIS_PROFILE=deep for a longer, random run by hand
+settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True, database=None)
+settings.register_profile("deep", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TINY: dict[str, Any] = {
     "seed": 0,

@@ -32,11 +32,11 @@ from typing import Annotated, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ..config import DataConfig
+from ..config import DataConfig, format_validation_error
 from ..storage import filesystem, is_uri, join_uri, read_bytes
 from .sources import DataError, DocSep, Source, iter_documents, resolve_source
 from .tokenizer import SEPARATOR, Kind, load_tokenizer, special_ids, train_tokenizer
@@ -47,6 +47,7 @@ __all__ = [
     "ShardInfo",
     "SplitInfo",
     "check_data",
+    "check_files",
     "document_splits",
     "load_manifest",
     "open_split",
@@ -62,13 +63,14 @@ SPLITS = ("train", "val", "test")
 Split = Literal["train", "val", "test"]
 TRAIN, VAL, TEST = range(3)  # a document's split, as `document_splits` gives it
 MIN_SEQ_LEN = DataConfig.model_fields["seq_len"].metadata[0].ge
+SAMPLE = 1 << 16  # tokens per part of a shard whose largest id `check_files` reads
 ENCODE_BATCH = 512  # documents per `encode_batch` call (it encodes in parallel)
 
 
 def _file_name(value: str) -> str:
     """A name in the data folder: a manifest cannot point outside it (`../`, `/etc/...`)."""
     if not value or "/" in value or "\\" in value or value in {".", ".."}:
-        raise ValueError(f"{value!r} is not a plain file name in the data folder")
+        raise ValueError("not a plain file name in the data folder")  # the value follows
     return value
 
 
@@ -348,16 +350,21 @@ def _write_atomically(path: Path, text: str) -> None:
 def load_manifest(location: str | Path) -> Manifest:
     """The manifest of prepared data at a local directory or a `pyarrow.fs` URI."""
     try:
-        text = read_bytes(join_uri(str(location), MANIFEST)).decode()
+        text = read_bytes(join_uri(str(location), MANIFEST))
     except OSError:
         raise DataError(
             f"{location}: no {MANIFEST}, so no prepared data here; run `python -m "
             f"apollo_ray.data prepare SOURCES --out {location}` first"
         ) from None
     try:
-        return Manifest.model_validate(json.loads(text))
-    except ValueError as e:
-        raise DataError(f"{location}/{MANIFEST}: not a valid manifest: {e}") from None
+        return Manifest.model_validate(json.loads(text.decode()))
+    except ValidationError as e:
+        problems = format_validation_error(e, f"{location}/{MANIFEST}")
+        raise DataError(f"{problems}; prepare again") from None
+    except ValueError as e:  # not JSON
+        raise DataError(
+            f"{location}/{MANIFEST}: not a valid manifest ({e}); prepare again"
+        ) from None
 
 
 def open_split(
@@ -399,7 +406,8 @@ def check_data(
     """The manifest of `config.path`, checked from its token counts (no shard is read): the data
     was prepared for `kind`, and each of `splits` holds at least one sequence of
     `config.seq_len`. One is enough: evaluation reads the val split's sequences over again when
-    it wants more than there are. A `DataError` names `field`, the YAML field of the path."""
+    it wants more than there are. Local data is read as a run will read it, cheaply
+    (`check_files`). A `DataError` names `field`, the YAML field of the path."""
     try:
         manifest = load_manifest(config.path)
         if manifest.kind != kind:
@@ -417,9 +425,44 @@ def check_data(
             shard_tokens = [shard.tokens for shard in manifest.splits[split].shards]
             if not sum(sequences(shard_tokens, span, stride)):
                 raise DataError(_too_short(config, kind, split, shard_tokens))
+        if not is_uri(config.path):
+            check_files(Path(config.path), manifest)
     except DataError as e:
         raise DataError(f"{field}: {e}") from None
     return manifest
+
+
+def check_files(folder: Path, manifest: Manifest) -> None:
+    """The files of prepared data at `folder` as its `manifest` lists them, read cheaply: the
+    tokenizer (parsed, its vocabulary the manifest's), each shard's Arrow footer (one batch of
+    the manifest's length and dtype), and the largest token id in a sample of every shard (its
+    first, middle and last `SAMPLE` tokens) below the vocabulary size."""
+    tokenizer = load_tokenizer(folder / manifest.tokenizer, manifest.kind)
+    if tokenizer.get_vocab_size() != manifest.vocab_size:
+        raise DataError(
+            f"{folder / MANIFEST}: vocab_size {manifest.vocab_size}, but its tokenizer "
+            f"{manifest.tokenizer} has {tokenizer.get_vocab_size()} tokens; prepare again"
+        )
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            path = folder / shard.file
+            try:
+                reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+                column = reader.get_batch(0).column(0) if reader.num_record_batches == 1 else None
+            except (OSError, pa.ArrowException) as e:
+                why = "missing" if not path.exists() else f"not an Arrow shard: {e}"
+                raise DataError(f"{path}: {why}; prepare again") from None
+            if column is None or len(column) != shard.tokens or str(column.type) != manifest.dtype:
+                raise DataError(f"{path}: does not match {MANIFEST}; prepare again")
+            tokens = column.to_numpy(zero_copy_only=True)
+            middle = max(0, len(tokens) // 2 - SAMPLE // 2)
+            parts = (tokens[:SAMPLE], tokens[middle : middle + SAMPLE], tokens[-SAMPLE:])
+            largest = max((int(p.max()) for p in parts if len(p)), default=-1)
+            if largest >= manifest.vocab_size:
+                raise DataError(
+                    f"{path}: token id {largest}, beyond the vocab_size {manifest.vocab_size} of "
+                    f"{MANIFEST}; prepare again"
+                )
 
 
 def window(kind: Kind, seq_len: int) -> tuple[int, int]:

@@ -204,15 +204,41 @@ def clean_wiki_text(text: str) -> str:
 
 def _file_reader(path: Path, text_column: str, doc_sep: DocSep) -> Callable[[], Iterator[str]]:
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return partial(_read_txt, path, doc_sep)
-    if suffix == ".jsonl":
-        _check_jsonl_column(path, text_column)
-        return partial(_read_jsonl, path, text_column)
-    if suffix == ".parquet":
-        _check_arrow_column(str(path), pq.read_schema(path), text_column)
-        return partial(_read_parquet, path, text_column)
-    raise DataError(f"{path}: unknown file type {suffix!r} (expected one of {FILE_TYPES})")
+    readers = {
+        ".txt": partial(_read_txt, path, doc_sep),
+        ".jsonl": partial(_read_jsonl, path, text_column),
+        ".parquet": partial(_read_parquet, path, text_column),
+    }
+    if suffix not in readers:
+        raise DataError(f"{path}: unknown file type {suffix!r} (expected one of {FILE_TYPES})")
+    try:
+        if suffix == ".jsonl":
+            _check_jsonl_column(path, text_column)
+        if suffix == ".parquet":
+            _check_arrow_column(str(path), pq.read_schema(path), text_column)
+    except UNREADABLE as e:
+        raise DataError(_unreadable(path, e)) from None
+    return partial(_guarded, path, readers[suffix])
+
+
+UNREADABLE = (UnicodeDecodeError, pa.ArrowException, OSError)  # a file not what its name says
+
+
+def _guarded(path: Path, read: Callable[[], Iterator[str]]) -> Iterator[str]:
+    """The documents `read` yields; a file that turns out not to be what its name says (bytes
+    that are not UTF-8, a damaged Parquet file) ends in a `DataError` naming it."""
+    try:
+        yield from read()
+    except UNREADABLE as e:
+        raise DataError(_unreadable(path, e)) from None
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        why = f"not UTF-8 text (byte {e.start})"
+    else:
+        why = f"cannot be read as {path.suffix.lower()[1:]} ({' '.join(str(e).split())})"
+    return f"{path}: {why}; repair or convert the file, or leave it out"
 
 
 def _read_txt(path: Path, doc_sep: DocSep) -> Iterator[str]:

@@ -15,12 +15,13 @@ import re
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from apollo_ray.config import ConfigError, ResourcesConfig
 from apollo_ray.storage import filesystem, is_uri, redact
 
-__all__ = ["STORAGE_TIMEOUT", "join_ray", "machine", "placeholders", "storage"]
+__all__ = ["STORAGE_TIMEOUT", "folder", "join_ray", "machine", "placeholders", "storage"]
 
 PLACEHOLDER = re.compile(r"\bYOUR[-_][A-Z0-9_-]*[A-Z0-9]")  # YOUR-BUCKET, YOUR_PROJECT, ...
 STORAGE_TIMEOUT = 20.0  # seconds a storage URI has to answer (S3 resolves a bucket's region)
@@ -50,6 +51,23 @@ def placeholders(fields: dict[str, Any]) -> None:
         raise ConfigError(
             f"replace {token} in {' and '.join(where)} with your {what} (the comments at the top "
             "of the file say what goes there), or try search_spaces/small.yaml on this machine"
+        )
+
+
+def folder(field: str, location: str | os.PathLike | None) -> None:
+    """Refuse a local folder that a run or study writes into but cannot: a file stands where
+    it (or a folder above it) would be, or this user cannot write where it would be made."""
+    if location is None or is_uri(str(location)):
+        return
+    path = Path(location).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{field}: {existing} is a file, not a folder; name another folder, or move the file"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{field}: {existing} is not writable by you; name a folder you can write"
         )
 
 

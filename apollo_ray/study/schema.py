@@ -82,7 +82,9 @@ class SamplerConfig(Strict):
         description="tpe: Optuna's TPE (multi-objective too); random; cmaes: CMA-ES on the "
         "numeric parameters (single objective only)",
     )
-    seed: int = Field(0, description="sampler seed: the same seed proposes the same trials")
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="sampler seed: the same seed proposes the same trials"
+    )
 
 
 class SchedulerConfig(Strict):
@@ -173,7 +175,7 @@ class BaselineConfig(Strict):
         "kept where it ends lower",
     )
     sweep_seed: int = Field(
-        1000, ge=0, description="the seed the sweep trains on (not one of the reading seeds)"
+        1000, ge=0, lt=2**32, description="the seed the sweep trains on (not a reading seed)"
     )
     warmup_steps: int | None = Field(
         None,

@@ -256,6 +256,7 @@ def test_manifest_paths_must_be_plain_file_names(
         raw["tokenizer"] = name
         where = "tokenizer"
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(DataError, match=rf"not a valid manifest(.|\n)*{where}(.|\n)*not a plain"):
+    with pytest.raises(DataError, match=rf"manifest\.json: {where}: not a plain") as e:
         load_manifest(tmp_path)
+    assert "\n" not in str(e.value) and "pydantic" not in str(e.value)  # one line, no URL
     assert load_manifest(bert_data).splits["train"].shards  # the prepared data still loads

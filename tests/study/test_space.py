@@ -118,5 +118,5 @@ def test_materialize_rejects_unknown_paths_and_invalid_values():
     assert cfg.schedule.depths == [2, 6] and cfg.out_dir == "o"
     with pytest.raises(ConfigError, match=r"not RunConfig fields: train\.lrr"):
         materialize(study.base, {"train.lrr": 1.0}, name="t", out_dir="o")
-    with pytest.raises(ConfigError, match=r"trial t: invalid configuration\n  schedule.alpha"):
+    with pytest.raises(ConfigError, match=r"trial t: schedule.alpha"):
         materialize(study.base, {"schedule.alpha": 2.0}, name="t", out_dir="o")
