@@ -1,7 +1,7 @@
 """The fixed cost of a trial: what a search pays per trial besides its training steps.
 
-    python -m benchmarks.overhead                    # the demo's trials at 20, 60 and 100 steps
-    python -m benchmarks.overhead --steps 20 60 --trials 2
+    python -m benchmarks.overhead                    # the demo's trials at 60, 180 and 300 steps
+    python -m benchmarks.overhead --steps 60 180 --trials 2
 
 Runs real searches (`apollo_ray.search.tuner.run_search`: Ray Tune, Optuna's random sampler, each
 trial's MLflow run on a local `mlflow server` with the demo's checkpoint policy, its checkpoints
@@ -143,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, nargs="+", default=[20, 60, 100])
+    parser.add_argument("--steps", type=int, nargs="+", default=[60, 180, 300])
     parser.add_argument("--trials", type=int, default=2, help="trials per search")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

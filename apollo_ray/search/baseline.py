@@ -18,7 +18,7 @@ import json
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +27,16 @@ from apollo_ray.data import DataError, load_manifest
 from apollo_ray.launch import distributed, solo
 from apollo_ray.records.results import log_frontier, log_run_results
 from apollo_ray.records.tracking import KIND, STUDY, StudyRecord, group_run, tracked_run
-from apollo_ray.search.sweep import KEEP_ALL, Job, Setting, alone, scratch_run, wsd_runs
+from apollo_ray.search.sweep import (
+    KEEP_ALL,
+    Job,
+    Setting,
+    alone,
+    choose,
+    cosine_jobs,
+    scratch_run,
+    wsd_runs,
+)
 from apollo_ray.search.sweep import sweep as tune
 from apollo_ray.storage import exists, fetch, join_uri
 from apollo_ray.study.schema import BASELINES, StudyConfig
@@ -131,17 +140,20 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
     trained: list[dict[str, Any]] = []
     configs: dict[str, RunConfig] = {}  # by run folder: what the flagged points are read with
 
-    def train(setting: Setting, seed: int, among: list[float], role: str) -> dict[float, dict]:
-        """Train (or reuse) `setting`'s runs of the budgets `among` on `seed`: budget -> its
-        record in baseline.json, and `metrics`, its metrics.jsonl (each final row read once)."""
+    def train(
+        setting: Setting, seed: int, among: list[float], role: str, skip: Collection[float] = ()
+    ) -> dict[float, dict]:
+        """Train (or reuse) `setting`'s runs of the budgets `among` on `seed` but those of
+        `skip` (a wsd trunk keeps their branch checkpoints all the same): budget -> its record
+        in baseline.json, and `metrics`, its metrics.jsonl (each final row read once)."""
         runs = {
             b: _placed(study, scratch_run(base, b, setting, seed, warmup, sweep.decay_fraction))
             for b in among
         }
         if setting.family == "wsd" and len(runs) > 1:
             runs = wsd_runs(runs, lambda trunk, name: _where(study, trunk, name))
-        done = {}
-        for budget in sorted(runs, reverse=True):  # a trunk before its branches
+
+        def one(budget: float) -> dict:
             cfg = runs[budget]
             if cfg.train.fork_from and not exists(cfg.train.fork_from):
                 cfg = alone(cfg)  # a trunk cached without this branch's checkpoint
@@ -164,7 +176,16 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
             }
             trained.append(record)
             configs.setdefault(record["run"], cfg)  # as first trained (a seed can repeat)
-            done[budget] = {**record, "metrics": metrics}
+            return {**record, "metrics": metrics}
+
+        order = [b for b in sorted(runs, reverse=True) if b not in skip]
+        done = {}
+        if setting.family == "wsd" and order and order[0] == max(runs):  # a trunk before its
+            trunk = order.pop(0)  # branches, which train side by side
+            done[trunk] = one(trunk)
+        done |= dict(
+            zip(order, _side_by_side([functools.partial(one, b) for b in order]), strict=True)
+        )
         return done
 
     def losses(jobs: Sequence[Job]) -> list[dict[float, float]]:
@@ -172,14 +193,34 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
         runs = _side_by_side([functools.partial(train, s, seed, list(b), "sweep") for s, b in jobs])
         return [{budget: run["eval_loss"] for budget, run in r.items()} for r in runs]
 
-    found = tune(losses, lrs, budgets, sweep.extend, sweep.cosine)
-    chosen = found.chosen
-    reading: dict[float, str] = {}
-    among = {s: [b for b in budgets if chosen[b] == s] for s in sorted(set(chosen.values()))}
-    for runs in _side_by_side(
-        [functools.partial(train, s, base.seed, b, "frontier") for s, b in among.items()]
-    ):
-        reading |= {budget: str(run["metrics"]) for budget, run in runs.items()}
+    found = tune(losses, lrs, budgets, sweep.extend, cosine=False)
+    wsd = found.chosen_wsd
+    cosine = cosine_jobs(wsd) if sweep.cosine else []
+    # where cosine is not tried (above 1x) wsd's choice is final: those reading runs train
+    # beside the cosine runs, a trunk keeping a branch checkpoint for each budget of its LR
+    final = {b: s for b, s in wsd.items() if b not in {job[1][0] for job in cosine}}
+    calls = [functools.partial(train, s, sweep.sweep_seed, list(b), "sweep") for s, b in cosine]
+    for s in sorted(set(final.values())):
+        same = [b for b in budgets if wsd[b] == s]  # a trunk and the branches it keeps
+        calls.append(
+            functools.partial(train, s, base.seed, same, "frontier", set(same) - set(final))
+        )
+    results = _side_by_side(calls)
+    for (setting, _), runs in zip(cosine, results[: len(cosine)], strict=True):
+        found.losses.update({(b, setting): run["eval_loss"] for b, run in runs.items()})
+    read_on = {b: run for runs in results[len(cosine) :] for b, run in runs.items()}
+    chosen = choose(found.losses, budgets)
+    rest = {s: [b for b in budgets if chosen[b] == s and b not in read_on] for s in chosen.values()}
+    calls = [  # a trunk already trained is listed (its branches fork from it), not trained again
+        functools.partial(
+            train, s, base.seed, [*b, *(f for f in final if final[f] == s)], "frontier", set(final)
+        )
+        for s, b in sorted(rest.items())
+        if b
+    ]
+    for runs in _side_by_side(calls):
+        read_on |= runs
+    reading = {budget: str(run["metrics"]) for budget, run in sorted(read_on.items())}
     trained.sort(key=lambda r: (r["role"] != "sweep", r["family"], r["lr"], -r["budget"]))
     scratch = Scratch(reading)
     samples = {  # the finished runs of each budget's choice, on any seed: the frontier itself

@@ -34,6 +34,7 @@ __all__ = [
     "Sweep",
     "alone",
     "choose",
+    "cosine_jobs",
     "edge_lrs",
     "scratch_run",
     "sweep",
@@ -152,8 +153,14 @@ def sweep(
         lrs += extra
     chosen_wsd = choose(losses, budgets)
     if cosine:
-        run([(Setting("cosine", chosen_wsd[b].lr), [b]) for b in budgets if 0.25 <= b <= 1.0])
+        run(cosine_jobs(chosen_wsd))
     return Sweep(choose(losses, budgets), chosen_wsd, losses)
+
+
+def cosine_jobs(chosen_wsd: Mapping[float, Setting]) -> list[Job]:
+    """Cosine at wsd's chosen LR, one run per budget from 1/4 to 1x (the rest keep wsd's
+    choice whatever cosine does)."""
+    return [(Setting("cosine", s.lr), [b]) for b, s in chosen_wsd.items() if 0.25 <= b <= 1.0]
 
 
 def choose(

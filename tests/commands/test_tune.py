@@ -144,33 +144,37 @@ def test_interrupted_search_resumes_without_redoing_trials(tiny_search):
 
 @pytest.mark.slow
 def test_the_frontier_is_tuned_per_budget(ray_cluster, tmp_path, gpt_data):
-    """`baseline`: a wsd sweep of two LRs (one trunk each, the 0.5x run a branch of it) and
-    cosine at the chosen LR, on the sweep seed; the best setting per budget on validation,
-    trained on the base seed; everything in baseline.json."""
+    """`baseline`: a wsd sweep of two LRs (one trunk each, the shorter runs branches of it) and
+    cosine at the chosen LR up to 1x, on the sweep seed; the best setting per budget on
+    validation, trained on the base seed (the 2x run, which cosine cannot change, beside the
+    cosine runs, and the shorter ones of its setting branches of it); all in baseline.json."""
     from apollo_ray.search.baseline import ensure_frontier
 
     path = tiny_study(tmp_path, gpt_data)
     data = yaml.safe_load(path.read_text())
     data["baseline"] = {"lrs": [1.0e-3, 3.0e-3], "sweep_seed": 5, "extend": 0}
+    data["frontier"] = [0.5, 1.0, 2.0]
     path.write_text(yaml.safe_dump(data))
     study = load_study(path)
     scratch = ensure_frontier(study)
     record = json.loads((tmp_path / "outputs" / "tiny" / "baseline.json").read_text())
     sweep = [r for r in record["runs"] if r["role"] == "sweep"]
     assert {(r["budget"], r["family"], r["lr"]) for r in sweep} == {
-        (b, "wsd", lr) for b in (0.5, 1.0) for lr in (1.0e-3, 3.0e-3)
+        (b, "wsd", lr) for b in (0.5, 1.0, 2.0) for lr in (1.0e-3, 3.0e-3)
     } | {(b, "cosine", record["chosen_wsd"][f"{b:g}"]) for b in (0.5, 1.0)}
     assert all(r["seed"] == 5 for r in sweep)
-    assert [r["forked"] for r in sweep if r["family"] == "wsd" and r["budget"] == 0.5] == [True] * 2
-    for budget in ("0.5", "1"):
+    assert all(r["forked"] == (r["budget"] < 2) for r in sweep if r["family"] == "wsd")
+    for budget in ("0.5", "1", "2"):
         best = min((r for r in sweep if f"{r['budget']:g}" == budget), key=lambda r: r["eval_loss"])
         assert record["chosen"][budget] == {"family": best["family"], "lr": best["lr"]}
     reading = {f"{r['budget']:g}": r for r in record["runs"] if r["role"] == "frontier"}
-    assert set(reading) == {"0.5", "1"} and all(r["seed"] == 0 for r in reading.values())
+    assert set(reading) == {"0.5", "1", "2"} and all(r["seed"] == 0 for r in reading.values())
+    for budget in ("0.5", "1"):  # the same setting as 2x: a branch of its trunk
+        assert reading[budget]["forked"] == (record["chosen"][budget] == record["chosen"]["2"])
     assert record["tuning_runs"] == len({r["run"] for r in record["runs"]})
     # every flagged point was read from the checkpoint its run kept, and joined the frontier
     assert all(f["eval_loss"] is not None and f["test_loss"] is not None for f in record["flags"])
     assert record["reading"] == ("lower envelope" if record["flags"] else "frontier")
     assert len(scratch.checkpoints) == len(record["flags"])
-    assert sorted(scratch.runs) == [0.5, 1.0]
+    assert sorted(scratch.runs) == [0.5, 1.0, 2.0]
     assert all(reading[f"{b:g}"]["run"] in path for b, path in scratch.runs.items())
