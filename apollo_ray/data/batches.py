@@ -14,7 +14,7 @@ accumulation. Train sequences are visited in a fresh permutation per epoch, seed
 (seed, epoch); val sequences in order. MLM masks are drawn from an RNG seeded by (seed, g), so
 they do not depend on the worker layout either. `labels` is -100 where there is no target.
 `DeviceBatches` serves one rank's training micro-batches on its device, the next one prefetched.
-(The pre-flight of a run or study, from the manifest alone, is `shards.check_data`.)
+(The pre-flight of a run or study is `checks.check_data`.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 
 from ..config import DataConfig, TrainConfig
 from ..storage import join_uri
-from .shards import Manifest, Split, check_data, open_split, sequences, window
+from .checks import check_data, sequences, window
+from .shards import Manifest, Split, open_split
 from .tokenizer import Kind
 
 __all__ = ["IGNORE_INDEX", "Batches", "DeviceBatches"]
@@ -40,7 +41,7 @@ class Batches:
 
     def __init__(self, config: DataConfig, kind: Kind, split: Split, seed: int) -> None:
         self.config, self.kind, self.split, self.seed = config, kind, split, seed
-        self.manifest: Manifest = check_data(config, kind, (split,))
+        self.manifest: Manifest = check_data(config, kind, (split,), files=False)
         self._shards = open_split(config.path, split, self.manifest)
         self._span, self._stride = window(kind, config.seq_len)
         counts = sequences([len(s) for s in self._shards], self._span, self._stride)

@@ -15,9 +15,8 @@ Arrow IPC files of `shard_tokens` tokens:
       manifest.json                               written last: its presence means complete
 
 Readers memory-map local shards (zero-copy, read-only numpy views) and load shards behind a
-`pyarrow.fs` URI (`s3://`, `gs://`, `file://`, ...) into memory. `check_data` is the pre-flight
-of a run or study, from the manifest alone: the data fits the run's model kind and sequence
-length (`window`, `sequences`: how a split is cut into sequences, as `batches` cuts it).
+`pyarrow.fs` URI (`s3://`, `gs://`, `file://`, ...) into memory (`read_shard`, which checks
+each against the manifest). The pre-flight of a run or study is `checks.check_data`.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ..config import DataConfig, format_validation_error
+from ..config import format_validation_error
 from ..storage import filesystem, is_uri, join_uri, read_bytes
 from .sources import DataError, DocSep, Source, iter_documents, resolve_source
 from .tokenizer import SEPARATOR, Kind, load_tokenizer, special_ids, train_tokenizer
@@ -46,14 +45,11 @@ __all__ = [
     "Manifest",
     "ShardInfo",
     "SplitInfo",
-    "check_data",
-    "check_files",
     "document_splits",
     "load_manifest",
     "open_split",
     "prepare",
-    "sequences",
-    "window",
+    "read_shard",
 ]
 
 MANIFEST = "manifest.json"
@@ -62,8 +58,6 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 Split = Literal["train", "val", "test"]
 TRAIN, VAL, TEST = range(3)  # a document's split, as `document_splits` gives it
-MIN_SEQ_LEN = DataConfig.model_fields["seq_len"].metadata[0].ge
-SAMPLE = 1 << 16  # tokens per part of a shard whose largest id `check_files` reads
 ENCODE_BATCH = 512  # documents per `encode_batch` call (it encodes in parallel)
 
 
@@ -370,127 +364,33 @@ def load_manifest(location: str | Path) -> Manifest:
 def open_split(
     location: str | Path, split: Split, manifest: Manifest | None = None
 ) -> list[np.ndarray]:
-    """The token stream of `split` as one read-only numpy array per shard.
-
-    Local shards are memory-mapped (no copy, nothing read until used); shards behind a URI are
-    read into memory.
-    """
+    """The token stream of `split` as one read-only numpy array per shard (`read_shard`)."""
     manifest = manifest or load_manifest(location)
-    arrays = []
-    for shard in manifest.splits[split].shards:
-        batch = pa.ipc.open_file(_open_shard(location, shard.file)).get_batch(0)
-        array = batch.column(0).to_numpy(zero_copy_only=True)
-        if len(array) != shard.tokens or array.dtype != manifest.dtype:
-            raise DataError(f"{location}/{shard.file}: does not match {MANIFEST}; prepare again")
-        arrays.append(array)
-    return arrays
+    return [read_shard(location, manifest, shard) for shard in manifest.splits[split].shards]
 
 
-def _open_shard(location: str | Path, name: str) -> pa.NativeFile:
+def read_shard(location: str | Path, manifest: Manifest, shard: ShardInfo) -> np.ndarray:
+    """The tokens of `shard`, read-only, checked against the manifest (one Arrow batch of its
+    length and dtype); a shard missing, damaged or not the manifest's is a `DataError` ending in
+    `prepare again`. Local shards are memory-mapped (no copy, nothing read until used); shards
+    behind a URI are read into memory."""
+    where = f"{location}/{shard.file}"
     try:
-        if not is_uri(location):
-            return pa.memory_map(str(Path(location) / name), "r")
-        fs, path = filesystem(join_uri(str(location), name))
-        with fs.open_input_file(path) as f:
-            return pa.BufferReader(f.read_buffer())
+        if is_uri(location):
+            fs, path = filesystem(join_uri(str(location), shard.file))
+            with fs.open_input_file(path) as f:
+                source = pa.BufferReader(f.read_buffer())
+        else:
+            source = pa.memory_map(str(Path(location) / shard.file), "r")
+        reader = pa.ipc.open_file(source)
+        column = reader.get_batch(0).column(0) if reader.num_record_batches == 1 else None
+    except FileNotFoundError:
+        raise DataError(f"{where}: missing; prepare again") from None
     except OSError as e:
-        raise DataError(f"{location}/{name}: cannot read the shard ({e}); prepare again") from None
-
-
-def check_data(
-    config: DataConfig,
-    kind: Kind,
-    splits: tuple[Split, ...] = ("train", "val"),
-    field: str = "data.path",
-) -> Manifest:
-    """The manifest of `config.path`, checked from its token counts (no shard is read): the data
-    was prepared for `kind`, and each of `splits` holds at least one sequence of
-    `config.seq_len`. One is enough: evaluation reads the val split's sequences over again when
-    it wants more than there are. Local data is read as a run will read it, cheaply
-    (`check_files`). A `DataError` names `field`, the YAML field of the path."""
-    try:
-        manifest = load_manifest(config.path)
-        if manifest.kind != kind:
-            raise DataError(
-                f"{config.path} was prepared for {manifest.kind}, not {kind}; "
-                f"prepare it again with --kind {kind}"
-            )
-        span, stride = window(kind, config.seq_len)
-        for split in splits:
-            if split not in manifest.splits:
-                raise DataError(
-                    f"{config.path} has no {split} split; prepare it again with "
-                    f"--test-fraction (e.g. 0.1)"
-                )
-            shard_tokens = [shard.tokens for shard in manifest.splits[split].shards]
-            if not sum(sequences(shard_tokens, span, stride)):
-                raise DataError(_too_short(config, kind, split, shard_tokens))
-        if not is_uri(config.path):
-            check_files(Path(config.path), manifest)
-    except DataError as e:
-        raise DataError(f"{field}: {e}") from None
-    return manifest
-
-
-def check_files(folder: Path, manifest: Manifest) -> None:
-    """The files of prepared data at `folder` as its `manifest` lists them, read cheaply: the
-    tokenizer (parsed, its vocabulary the manifest's), each shard's Arrow footer (one batch of
-    the manifest's length and dtype), and the largest token id in a sample of every shard (its
-    first, middle and last `SAMPLE` tokens) below the vocabulary size."""
-    tokenizer = load_tokenizer(folder / manifest.tokenizer, manifest.kind)
-    if tokenizer.get_vocab_size() != manifest.vocab_size:
-        raise DataError(
-            f"{folder / MANIFEST}: vocab_size {manifest.vocab_size}, but its tokenizer "
-            f"{manifest.tokenizer} has {tokenizer.get_vocab_size()} tokens; prepare again"
-        )
-    for split in manifest.splits.values():
-        for shard in split.shards:
-            path = folder / shard.file
-            try:
-                reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-                column = reader.get_batch(0).column(0) if reader.num_record_batches == 1 else None
-            except (OSError, pa.ArrowException) as e:
-                why = "missing" if not path.exists() else f"not an Arrow shard: {e}"
-                raise DataError(f"{path}: {why}; prepare again") from None
-            if column is None or len(column) != shard.tokens or str(column.type) != manifest.dtype:
-                raise DataError(f"{path}: does not match {MANIFEST}; prepare again")
-            tokens = column.to_numpy(zero_copy_only=True)
-            middle = max(0, len(tokens) // 2 - SAMPLE // 2)
-            parts = (tokens[:SAMPLE], tokens[middle : middle + SAMPLE], tokens[-SAMPLE:])
-            largest = max((int(p.max()) for p in parts if len(p)), default=-1)
-            if largest >= manifest.vocab_size:
-                raise DataError(
-                    f"{path}: token id {largest}, beyond the vocab_size {manifest.vocab_size} of "
-                    f"{MANIFEST}; prepare again"
-                )
-
-
-def window(kind: Kind, seq_len: int) -> tuple[int, int]:
-    """(span, stride): stream tokens per sequence, and the distance between consecutive ones."""
-    if kind == "bert":  # [CLS] + seq_len - 1 stream tokens
-        return seq_len - 1, seq_len - 1
-    return seq_len + 1, seq_len  # the inputs and, shifted by one, the labels
-
-
-def sequences(shard_tokens: list[int], span: int, stride: int) -> list[int]:
-    """How many sequences each shard holds (a sequence never crosses a shard boundary)."""
-    return [max(0, (n - span) // stride + 1) for n in shard_tokens]
-
-
-def _too_short(config: DataConfig, kind: Kind, split: Split, shard_tokens: list[int]) -> str:
-    span = window(kind, config.seq_len)[0]
-    longest = max(shard_tokens, default=0)
-    largest = longest + 1 if kind == "bert" else longest - 1  # the seq_len whose span fits
-    larger = {"val": " (or a larger --val-fraction)", "test": " (or a larger --test-fraction)"}
-    more = "prepare more data" + larger.get(split, "")
-    advice = (
-        f"the largest seq_len that works is {largest}, or {more}"
-        if largest >= MIN_SEQ_LEN
-        else more
-    )
-    reader = "training" if split == "train" else "evaluation"
-    return (
-        f"{config.path}: the {split} split has {sum(shard_tokens)} tokens (longest shard "
-        f"{longest}) but {reader} needs at least {span} in one shard for one sequence of "
-        f"data.seq_len {config.seq_len}; {advice}"
-    )
+        raise DataError(f"{where}: cannot read the shard ({e}); prepare again") from None
+    except pa.ArrowException as e:
+        why = " ".join(str(e).split())
+        raise DataError(f"{where}: not an Arrow shard ({why}); prepare again") from None
+    if column is None or len(column) != shard.tokens or str(column.type) != manifest.dtype:
+        raise DataError(f"{where}: does not match {MANIFEST}; prepare again")
+    return column.to_numpy(zero_copy_only=True)
