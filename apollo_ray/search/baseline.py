@@ -198,25 +198,23 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
     cosine = cosine_jobs(wsd) if sweep.cosine else []
     # where cosine is not tried (above 1x) wsd's choice is final: those reading runs train
     # beside the cosine runs, a trunk keeping a branch checkpoint for each budget of its LR
-    final = {b: s for b, s in wsd.items() if b not in {job[1][0] for job in cosine}}
+    tried = {b for _, among in cosine for b in among}
+    final = {b for b in budgets if b not in tried}
     calls = [functools.partial(train, s, sweep.sweep_seed, list(b), "sweep") for s, b in cosine]
-    for s in sorted(set(final.values())):
-        same = [b for b in budgets if wsd[b] == s]  # a trunk and the branches it keeps
-        calls.append(
-            functools.partial(train, s, base.seed, same, "frontier", set(same) - set(final))
-        )
+    for s, same in _by_setting(wsd, budgets).items():
+        if final & set(same):
+            calls.append(
+                functools.partial(train, s, base.seed, same, "frontier", set(same) - final)
+            )
     results = _side_by_side(calls)
     for (setting, _), runs in zip(cosine, results[: len(cosine)], strict=True):
         found.losses.update({(b, setting): run["eval_loss"] for b, run in runs.items()})
     read_on = {b: run for runs in results[len(cosine) :] for b, run in runs.items()}
     chosen = choose(found.losses, budgets)
-    rest = {s: [b for b in budgets if chosen[b] == s and b not in read_on] for s in chosen.values()}
-    calls = [  # a trunk already trained is listed (its branches fork from it), not trained again
-        functools.partial(
-            train, s, base.seed, [*b, *(f for f in final if final[f] == s)], "frontier", set(final)
-        )
-        for s, b in sorted(rest.items())
-        if b
+    calls = [  # the runs trained already are listed (a branch forks from its trunk), not trained
+        functools.partial(train, s, base.seed, among, "frontier", set(read_on))
+        for s, among in _by_setting(chosen, budgets).items()
+        if set(among) - set(read_on)
     ]
     for runs in _side_by_side(calls):
         read_on |= runs
@@ -241,6 +239,11 @@ def tuned(study: StudyConfig, group: StudyRecord | None) -> Scratch:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return Scratch(reading, tuple(r for r in read if r))
+
+
+def _by_setting(chosen: dict[float, Setting], budgets: Sequence[float]) -> dict[Setting, list]:
+    """The budgets of each setting that `chosen` picks, settings in order."""
+    return {s: [b for b in budgets if chosen[b] == s] for s in sorted(set(chosen.values()))}
 
 
 def _side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:

@@ -245,26 +245,25 @@ class TrialProgress(Callback):
     # ------------------------------------------------------------------ Tune's calls
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        now = self.clock()
-        self.running[trial_name(trial)] = _Run(self._steps(trial), self._stages(trial), now)
+        now, key = self.clock(), trial_name(trial)
+        self.running[key] = _Run(self._steps(trial), self._stages(trial), now)
         if self.live:
             self._draw()
-        elif trial_name(trial) not in self.started:  # a retry said so when it failed
+        elif key not in self.started:  # a retry said so when it failed
             what = self._what(trial)
-            line = f"{self._name(trial_name(trial))} started" + (f": {what}" if what else "")
+            line = f"{self._name(key)} started" + (f": {what}" if what else "")
             self._emit(textwrap.wrap(line, WIDTH, subsequent_indent="    ", break_on_hyphens=False))
-        self.started.setdefault(trial_name(trial), now)
+        self.started.setdefault(key, now)
 
     def _took(self, name: str, word: str) -> str:
         started = self.started.get(name)
         return "" if started is None else f" {word} {duration(self.clock() - started)}"
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        run = self.running.get(trial_name(trial))
+        key = trial_name(trial)
+        run = self.running.get(key)
         if run is None:  # a result without a start: Tune resumed a running trial
-            run = self.running[trial_name(trial)] = _Run(
-                self._steps(trial), self._stages(trial), self.clock()
-            )
+            run = self.running[key] = _Run(self._steps(trial), self._stages(trial), self.clock())
         run.update(result, self.clock())
         if self.live:
             self._draw()
@@ -275,10 +274,10 @@ class TrialProgress(Callback):
             self._draw()
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        run = self.running.pop(trial_name(trial), None)
+        key = trial_name(trial)
+        run = self.running.pop(key, None)
         row = {**(getattr(trial, "last_result", None) or {}), **(run.row if run else {})}
-        took = self._took(trial_name(trial), "in")
-        name = self._name(trial_name(trial))
+        took, name = self._took(key, "in"), self._name(key)
         if DIVERGED_KEY in row:  # its loss went NaN/inf (the reason names its folder): not retried
             self._emit([f"{name} diverged{took}: {row[DIVERGED_KEY]}"])
             return
@@ -299,19 +298,20 @@ class TrialProgress(Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         """A failure that Tune retries (`resources.max_failures`): its error once, not again
         while it stays the same."""
-        run = self.running.pop(trial_name(trial), None)
+        key = trial_name(trial)
+        run = self.running.pop(key, None)
         at = f" at step {run.row['step']}" if run and "step" in run.row else ""
         error = self._error(trial)
-        said = self.errors.get(trial_name(trial)) == error
-        self.errors[trial_name(trial)] = error
+        said = self.errors.get(key) == error
+        self.errors[key] = error
         why = " again (the same error)" if said else f": {error}"
-        self._emit([f"{self._name(trial_name(trial))} failed{at}{why}; retrying"])
+        self._emit([f"{self._name(key)} failed{at}{why}; retrying"])
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        run = self.running.pop(trial_name(trial), None)
+        key = trial_name(trial)
+        run = self.running.pop(key, None)
         at = f" at step {run.row['step']}/{run.steps}" if run and "step" in run.row else ""
-        took = self._took(trial_name(trial), "after")
-        name = self._name(trial_name(trial))
+        took, name = self._took(key, "after"), self._name(key)
         self._emit([f"{name} failed{took}{at}: {self._error(trial)}", f"  {self._where(trial)}"])
 
     def on_experiment_end(self, trials: list, **info) -> None:
