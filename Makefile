@@ -35,14 +35,16 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 install: $(VENV)/.installed
 
 # requirements.lock: the exact versions the test suite passed with, for Python 3.11 on Linux
-# x86_64, torch and its own dependencies left out (`--excludes`; PyPI's torch brings CUDA wheels).
+# x86_64 (the cluster nodes' aws and gcp extras too), torch and its own dependencies left out
+# (`--excludes`; PyPI's torch brings CUDA wheels).
 # Keeps each locked version that pyproject.toml still allows (delete the file to take the newest).
 # Needs no install, so it also runs after a lower bound in pyproject.toml was raised past the lock.
 LOCK_PYTHON := 3.11
 
 lock: $(VENV)/bin/uv
-	echo torch | $(VENV)/bin/uv pip compile -q pyproject.toml --extra dev --extra demo \
-	  --excludes - --python-version $(LOCK_PYTHON) --python-platform x86_64-unknown-linux-gnu \
+	echo torch | $(VENV)/bin/uv pip compile -q pyproject.toml --extra dev --extra demo --extra aws \
+	  --extra gcp --excludes - --python-version $(LOCK_PYTHON) \
+	  --python-platform x86_64-unknown-linux-gnu \
 	  --custom-compile-command "make lock" -o requirements.lock
 	sed -i -e '1i # Versions the test suite passed with, for Python $(LOCK_PYTHON) on Linux x86_64.' \
 	  -e '1i # torch is left out: make installs it first, on its own.' requirements.lock

@@ -8,7 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from apollo_ray.config import ConfigError
 from apollo_ray.launch import cluster_check
+from apollo_ray.study.schema import load_study
 
 __all__ = ["main"]
 
@@ -33,9 +35,21 @@ def main(argv: list[str] | None = None) -> int:
         help="report placeholders (my-apollo-bucket, fs-XXXXXXXX, YOUR-BUCKET, ...) as "
         "warnings, not errors: for the files as shipped",
     )
+    p.add_argument(
+        "--study",
+        type=Path,
+        metavar="STUDY",
+        help="a study YAML whose trials (base.resources: workers, per-worker resources, "
+        "placement) must fit the node types at full growth",
+    )
     args = parser.parse_args(argv)
+    try:
+        study = load_study(args.study).base.resources if args.study else None
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)  # its INFO
-    failed = [cluster_check.check_file(path, args.allow_placeholders) for path in args.files]
+    failed = [cluster_check.check_file(p, args.allow_placeholders, study) for p in args.files]
     return 2 if any(failed) else 0
 
 

@@ -1,6 +1,7 @@
 """requirements.lock (`make lock`) satisfies pyproject.toml: it pins every dependency of the
-project and of its dev and demo extras, torch aside, at a version the specifier allows, and so
-the dependencies of the extras asked for (`ray[default,train,tune]`, `moto[server]`)."""
+project and of its extras (dev, demo, and the cluster nodes' aws and gcp), torch aside, at a
+version the specifier allows, and so the dependencies of the extras asked for
+(`ray[default,train,tune]`, `moto[server]`)."""
 
 import re
 from importlib import metadata
@@ -19,7 +20,7 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 EXTRAS = PROJECT["optional-dependencies"]
 REQUIREMENTS = [
     req
-    for req in map(Requirement, PROJECT["dependencies"] + EXTRAS["dev"] + EXTRAS["demo"])
+    for req in map(Requirement, PROJECT["dependencies"] + [r for e in EXTRAS.values() for r in e])
     if req.name != "torch"
 ]
 

@@ -41,7 +41,8 @@ def test_cluster_file_pins_our_ray_and_binds_loopback(path):
     head = " ".join(config["head_start_ray_commands"])
     assert "mlflow server --host 127.0.0.1" in head and "--dashboard-host=127.0.0.1" in head
     setup = " ".join(config["setup_commands"])
-    assert f"ray[default,train,tune]=={ray.__version__}" in setup
+    assert "-c ~/apollo_ray/requirements.lock" in setup  # the lock pins Ray (tests/test_lock.py)
+    assert f"\nray=={ray.__version__}\n" in (ROOT / "requirements.lock").read_text()
 
 
 ROOT = Path(__file__).parents[2]

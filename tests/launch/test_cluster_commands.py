@@ -7,8 +7,11 @@ cloud, no container):
   local shell, with a stand-in `docker` that runs the exec'd command here. The server must answer
   afterwards, outlive the shell, and be replaced cleanly when the command runs again (`ray up`
   twice);
-- `rsync_exclude` turned into rsync arguments by Ray's own code, in an rsync dry run over the
-  repository, as `ray up` copies it to the nodes: every module of the package arrives."""
+- the file mounts as `ray up` hashes them (Ray's `hash_runtime_conf`) and copies them (rsync
+  with the arguments Ray's own code builds from `rsync_exclude`, in a dry run): the listed paths
+  only, every module of the package included;
+- the nodes' setup command (a copy of the mounts, installed with the lock) and the GCP nodes'
+  wait for the NVIDIA driver, in a local shell with stand-ins for pip, nvidia-smi and sysfs."""
 
 from __future__ import annotations
 
@@ -236,38 +239,141 @@ def _ray_copies(config: dict, source: Path, target: Path) -> set[str]:
     return {line.rstrip("/") for line in done.stdout.splitlines()} - {".", ""}
 
 
-def _excluded_top_folders(config: dict) -> list[str]:
-    return [p[1:] for p in config["rsync_exclude"] if p.startswith("/") and "*" not in p]
+NODE_PATHS = {
+    "apollo_ray",
+    "search_spaces",
+    "configs",
+    "pyproject.toml",
+    "README.md",
+    "requirements.lock",
+}
+
+
+def _repository_mounts(config: dict) -> dict[str, str]:
+    """The file mounts that come from the repository (all but the Ray token)."""
+    return {t: s for t, s in config["file_mounts"].items() if not s.startswith("~")}
 
 
 @pytest.mark.parametrize("path", CLUSTER, ids=lambda p: p.name)
-def test_the_nodes_get_every_module_of_the_package(path: Path, tmp_path: Path):
+def test_ray_up_hashes_and_syncs_only_what_the_nodes_need(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """What `ray up`, run from the repository's top folder, reads to hash the file mounts
+    (Ray's `hash_runtime_conf`, every file it opens recorded) and copies to the nodes (rsync as
+    Ray runs it, per mount): the listed paths only, never .venv, .git, data/ or outputs/; every
+    file git tracks under them arrives, Python's caches do not."""
+    from ray.autoscaler._private import util
+
     config = yaml.safe_load(path.read_text())
-    assert config["file_mounts"]["/home/ray/apollo_ray"] == "."
-    copied = _ray_copies(config, ROOT, tmp_path)
-    tracked = subprocess.run(  # the package's files in git: its modules and anything else
-        ["git", "ls-files", "apollo_ray"], cwd=ROOT, capture_output=True, text=True, check=True
+    mounts = _repository_mounts(config)
+    assert {Path(s).as_posix() for s in mounts.values()} == NODE_PATHS
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("token")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(ROOT)
+    read: list[Path] = []
+
+    def recording_open(file, *args, **kwargs):
+        read.append(Path(file).resolve())
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(util, "open", recording_open, raising=False)
+    monkeypatch.setattr(util, "_hash_cache", {})
+    util.hash_runtime_conf(config["file_mounts"], None, {}, generate_file_mounts_contents_hash=True)
+    hashed = {p.relative_to(ROOT).parts[0] for p in read if p.is_relative_to(ROOT)}
+    assert hashed == NODE_PATHS
+    assert [p for p in read if not p.is_relative_to(ROOT)] == [home / ".ray" / "auth_token"]
+
+    synced: set[str] = set()
+    for source in mounts.values():
+        local = ROOT / source
+        if local.is_dir():
+            copied = _ray_copies(config, local, tmp_path / "node" / local.name)
+            synced |= {f"{Path(source).as_posix()}/{p}" for p in copied}
+        else:
+            synced.add(Path(source).as_posix())
+    tracked = subprocess.run(
+        ["git", "ls-files", *sorted(NODE_PATHS)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert "apollo_ray/data/__init__.py" in tracked  # the folder an unanchored `data` dropped
-    assert sorted(set(tracked) - copied) == []
-    for top in _excluded_top_folders(config):
-        assert not [p for p in copied if p == top or p.startswith(f"{top}/")], top
+    assert sorted(set(tracked) - synced) == []
+    assert {p.split("/")[0] for p in synced} == NODE_PATHS
+    assert not [p for p in synced if "__pycache__" in p]
 
 
 @pytest.mark.parametrize("path", CLUSTER, ids=lambda p: p.name)
-def test_excludes_are_anchored_at_the_top(path: Path, tmp_path: Path):
-    """Each excluded top-level folder is left out, the package's own folders of the same names
-    are not (a tree made here: the checkout need not hold every excluded folder)."""
+def test_setup_installs_a_copy_of_the_mounts_from_the_lock(path: Path, tmp_path: Path):
+    """The nodes' setup command, run in a shell with a pip stand-in: it copies the mounted
+    paths (whose parent Docker makes root's) to ~/apollo_ray, drops what left the mounts, keeps
+    pip's metadata, and installs the package from the copy with the copy's lock."""
     config = yaml.safe_load(path.read_text())
-    tops = _excluded_top_folders(config)
-    assert {"data", "outputs", "runs", ".venv", "test-artifacts"} <= set(tops)
-    tree = tmp_path / "repo"
-    for top in tops:
-        for folder in (tree / top, tree / "apollo_ray" / top):
-            folder.mkdir(parents=True)
-            (folder / "module.py").write_text("")
-    (tree / "apollo_ray" / "__pycache__").mkdir()
-    (tree / "apollo_ray" / "__pycache__" / "x.pyc").write_text("")
-    copied = _ray_copies(config, tree, tmp_path / "node")
-    assert {f"apollo_ray/{top}/module.py" for top in tops} <= copied
-    assert not [p for p in copied if p.split("/")[0] in tops or "__pycache__" in p]
+    [setup] = [c for c in config["setup_commands"] if "requirements.lock" in c]
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    for target, source in _repository_mounts(config).items():
+        local, there = ROOT / source, Path(target.replace("/home/ray", str(home)))
+        if local.is_dir():
+            shutil.copytree(local, there, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            there.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(local, there)
+    bin_dir.mkdir()
+    (bin_dir / "pip").write_text('#!/bin/sh\necho "$@" >> "$HOME/pip.log"\n')
+    (bin_dir / "pip").chmod(0o755)
+    env = {"HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    _rsync_or_skip()
+
+    subprocess.run(["bash", "-c", setup], env=env, check=True)
+    copy = home / "apollo_ray"
+    assert (copy / "pyproject.toml").is_file() and (copy / "requirements.lock").is_file()
+    assert (copy / "apollo_ray" / "data" / "shards.py").is_file()
+    extra = {"aws": "aws", "gcp": "gcp"}[config["provider"]["type"]]
+    lock = f"{copy}/requirements.lock"
+    assert (home / "pip.log").read_text().split() == [
+        "install",
+        "-q",
+        "-c",
+        lock,
+        "-e",
+        f"{copy}[demo,{extra}]",
+    ]
+    (copy / "apollo_ray.egg-info").mkdir()  # what pip install -e writes
+    (home / "apollo_ray-src" / "apollo_ray" / "ui.py").unlink()  # a module gone from the repo
+    subprocess.run(["bash", "-c", setup], env=env, check=True)
+    assert (copy / "apollo_ray.egg-info").is_dir()
+    assert not (copy / "apollo_ray" / "ui.py").exists()
+
+
+def test_gcp_nodes_wait_for_the_nvidia_driver(tmp_path: Path):
+    """The GPU node's wait, with a stand-in PCI tree and nvidia-smi: a node without an NVIDIA
+    device goes on at once; one with it waits until nvidia-smi answers (the driver is
+    installed after boot, so nvidia-smi is missing or failing at first), and fails at the
+    timeout."""
+    config = yaml.safe_load((ROOT / "cluster" / "gpu-gcp.yaml").read_text())
+    [wait] = [c for c in config["initialization_commands"] if "nvidia-smi" in c]
+    devices, bin_dir = tmp_path / "devices", tmp_path / "bin"
+    (devices / "0000:00:04.0").mkdir(parents=True)
+    (devices / "0000:00:04.0" / "vendor").write_text("0x1af4\n")  # virtio
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "nvidia-smi").write_text(
+        f'#!/bin/sh\necho x >> {calls}\n[ "$(wc -l < {calls})" -ge 3 ]\n'
+    )
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    wait = wait.replace("/sys/bus/pci/devices", str(devices)).replace("sleep 5", "sleep 0.1")
+
+    assert subprocess.run(["bash", "-c", wait], env=env).returncode == 0
+    assert not calls.exists()  # the head: no NVIDIA device, no wait
+    (devices / "0000:00:05.0").mkdir()
+    (devices / "0000:00:05.0" / "vendor").write_text("0x10de\n")
+    assert subprocess.run(["bash", "-c", wait], env=env).returncode == 0
+    assert len(calls.read_text().split()) == 3
+    (bin_dir / "nvidia-smi").unlink()  # no driver, ever
+    never = wait.replace("timeout 900", "timeout 1")
+    done = subprocess.run(["bash", "-c", never], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "no working NVIDIA driver" in done.stdout
