@@ -29,6 +29,7 @@ it ends. Ray's own logs and the workers' output stay in Ray's log files
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -141,12 +142,11 @@ def check_new_or_resumed(study: StudyConfig, resume: bool) -> None:
         )
 
 
-def check_resources(study: StudyConfig) -> bool:
+def check_resources(study: StudyConfig) -> list[dict[str, float]] | None:
     """Refuse a trial that the cluster can never hold, now or grown by its autoscaler (it
-    would wait forever); ask the autoscaler for the nodes of one trial that must wait for them
-    (True: asked; the request stands until it is cleared)."""
+    would wait forever); the bundles of one trial that must wait for the autoscaler's nodes
+    (the study asks for them, `apollo_ray.launch.scaling.requested`), or None."""
     import ray
-    from ray.autoscaler.sdk import request_resources
 
     from apollo_ray.launch import solo
     from apollo_ray.launch.capacity import describe, fits_now, node_types, shortfall
@@ -165,14 +165,13 @@ def check_resources(study: StudyConfig) -> bool:
             f"resources (or {more})"
         )
     if types is None or fits_now(per_worker, res.workers, now, driver):
-        return False
-    request_resources(bundles=[{k: v for k, v in per_worker.items() if v}] * res.workers)
+        return None
     print(
         f"asked the autoscaler for nodes for the first trial ({res.workers} x "
         f"{describe(per_worker)}); it starts when they are up",
         file=sys.stderr,
     )
-    return True
+    return [{k: v for k, v in per_worker.items() if v}] * res.workers
 
 
 def run_study(
@@ -187,8 +186,7 @@ def run_study(
     search, the end. Unless `verbose`, Ray's logs and the workers' output stay in Ray's log
     files and the trials show as live lines (`apollo_ray.search.progress`). `faults` kills each
     search trial's training once (`apollo_ray.training.faults`, chaos testing)."""
-    from ray.autoscaler.sdk import request_resources
-
+    from apollo_ray.launch.scaling import requested
     from apollo_ray.records.results import log_study_results
     from apollo_ray.records.tracking import study_run
     from apollo_ray.search.baseline import ensure_frontier
@@ -206,23 +204,23 @@ def run_study(
         if prepare_data(study) or is_uri(study.base.data.path):  # local data: checked already
             check_data(study.base.data, study.base.model.kind, field=BASE_DATA)
         join_ray(address, **quiet)
-        asked = check_resources(study)
-        try:
-            with study_run(study, yaml_path, uri, resume) as record:
-                scratch = ensure_frontier(study, record)
-                rows = trial_rows(study, run_search(study, scratch, record, faults, live))
-                confirmed = None
-                done = [r for r in rows if r["status"] == "ok"]
-                if study.search.confirm is not None and done:
-                    runs = confirm_runs(study, done[: study.search.confirm.top_k])
-                    grid = run_confirm(study, scratch, runs, record, live=live)
-                    confirmed = confirmation(study, runs, grid)
-                print()
-                summary = summarize(study, rows, scratch, confirmed)  # prints the table
-                log_study_results(record, study, summary, scratch)
-        finally:
-            if asked:  # the request stays until overridden: let idle nodes go again
-                request_resources(num_cpus=0)
+        bundles = check_resources(study)
+        # the request ends with the study, or with its driver, killed (a watchdog on the head)
+        with (
+            requested(bundles) if bundles else contextlib.nullcontext(),
+            study_run(study, yaml_path, uri, resume) as record,
+        ):
+            scratch = ensure_frontier(study, record)
+            rows = trial_rows(study, run_search(study, scratch, record, faults, live))
+            confirmed = None
+            done = [r for r in rows if r["status"] == "ok"]
+            if study.search.confirm is not None and done:
+                runs = confirm_runs(study, done[: study.search.confirm.top_k])
+                grid = run_confirm(study, scratch, runs, record, live=live)
+                confirmed = confirmation(study, runs, grid)
+            print()
+            summary = summarize(study, rows, scratch, confirmed)  # prints the table
+            log_study_results(record, study, summary, scratch)
     print("\n" + where_to_look(study))
 
 

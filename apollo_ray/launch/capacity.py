@@ -4,8 +4,8 @@ A study on an autoscaling cluster (`ray up cluster/gpu.yaml`, `min_workers: 0`) 
 head alone: `ray.cluster_resources()` has no GPU, yet the trials' GPU nodes come as soon as they
 are asked for. So the pre-flight reads the autoscaler's node types (`node_types`: their
 resources and how many of each it may launch) and refuses only a trial that no growth can hold,
-naming the node types (`shortfall`); a trial that must wait for nodes asks the autoscaler for
-them at once (`ray.autoscaler.sdk.request_resources`, in `apollo_ray.tune`).
+naming the node types (`shortfall`); a study whose trial must wait for nodes asks the
+autoscaler for them at once, for no longer than it lives (`apollo_ray.launch.scaling`).
 """
 
 from __future__ import annotations
