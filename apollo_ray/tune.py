@@ -134,7 +134,7 @@ def check_new_or_resumed(study: StudyConfig, resume: bool) -> None:
     """A study that already ran continues only with --resume (checked before anything starts)."""
     from ray import tune
 
-    search = study.storage(study.experiment, "tune", "search")
+    search = study.search_state("search")
     if tune.Tuner.can_restore(search) and not resume:
         raise ConfigError(
             f"{search} already holds this study: pass --resume to finish it (or see its "

@@ -104,7 +104,7 @@ def run_search(
             faults=faults,
         ),
     )
-    search = study.storage(study.experiment, "tune", "search")
+    search = study.search_state("search")
     progress = progress_callback(study, "search", live=live)
     if tune.Tuner.can_restore(search):
         tuner = tune.Tuner.restore(search, trainable, resume_unfinished=True, resume_errored=False)
@@ -154,7 +154,7 @@ def run_confirm(
         ),
     )
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    path = study.storage(study.experiment, "tune", "confirm")
+    path = study.search_state("confirm")
     progress = progress_callback(study, "confirm", runs, live)
     if tune.Tuner.can_restore(path):
         tuner = _quiet(tune.Tuner.restore(path, trainable, resume_unfinished=True), progress)
@@ -226,7 +226,7 @@ def _run_config(
     retries = study.base.resources.max_failures if solo.applies(study.base) else 0
     return tune.RunConfig(
         name=name,
-        storage_path=study.storage(study.experiment, "tune"),
+        storage_path=study.search_state(),
         failure_config=tune.FailureConfig(max_failures=retries),
         callbacks=[*([trial_runs_callback(study)] if record else []), progress],
         verbose=0,  # no status tables: `progress` prints a line per trial
@@ -247,7 +247,7 @@ def progress_callback(
         stages=len(schedule.depths) if schedule else None,
         kind="trial" if name == "search" else "re-run",
         runs=runs,
-        storage=study.storage(study.experiment, "tune", name),
+        storage=study.search_state(name),
         run_root=join_uri(study.study_dir, "trials"),
         live=live,
     )

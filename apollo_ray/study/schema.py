@@ -26,6 +26,7 @@ from apollo_ray.study.space_checks import Problem, check_space, line_errors
 __all__ = [
     "BASELINES",
     "OBJECTIVES",
+    "SEARCH_STATE",
     "BaselineConfig",
     "ConfirmConfig",
     "PrepareConfig",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 BASELINES = "baselines"  # <output_dir>/baselines/<key>/ caches the scratch baselines
+SEARCH_STATE = "tune"  # <storage>/tune/<experiment>/: Tune's state, which only the head writes
 # objective -> (Tune metric(s), mode(s))
 OBJECTIVES: dict[str, tuple[Any, Any]] = {
     "eval_loss": ("eval_loss", "min"),
@@ -244,7 +246,7 @@ class StudyConfig(Strict):
     @field_validator("experiment")
     @classmethod
     def _not_reserved(cls, name: str) -> str:
-        if name in {".", "..", BASELINES}:
+        if name in {".", "..", BASELINES, SEARCH_STATE}:
             raise ValueError(f"{name!r} is reserved; choose another name")
         return name
 
@@ -317,6 +319,13 @@ class StudyConfig(Strict):
         """Where Ray keeps checkpoints and search state for `<output_dir>/<parts>`: the same
         place, or the same layout under `storage_path`."""
         return join_uri(self.storage_path or self.output_dir, *parts)
+
+    def search_state(self, *parts: str) -> str:
+        """Where Tune keeps this study's state (`<storage>/tune/<experiment>/<parts>`: the
+        searcher, the trials' records; what `--resume` unpickles), under a prefix of its own,
+        apart from all the trials' and baselines' workers write: a bucket policy can give that
+        prefix to the head alone (cluster/iam/)."""
+        return self.storage(SEARCH_STATE, self.experiment, *parts)
 
 
 def load_study(path: str | Path) -> StudyConfig:

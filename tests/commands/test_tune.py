@@ -52,7 +52,8 @@ def test_search_scores_trials_and_records_failures(tiny_search):
     assert failed and all(s.startswith("diverged: loss is nan") for s in failed)  # lr = 1e9
     # a diverged trial ends at once, not as an error that Tune would retry (the finished trial
     # errored once: its process was killed, --kill-at-step, and Tune retried it)
-    errored = [p.parent.name for p in (out / "tune" / "search").glob("*/error.txt")]
+    state = tiny_search / "tune" / "tiny" / "search"  # Tune's, apart from the trials
+    errored = [p.parent.name for p in state.glob("*/error.txt")]
     diverged = [t["trial"] for t in summary["trials"] if t["status"] != "ok"]
     assert not [name for name in errored if any(trial in name for trial in diverged)], errored
     ok = next(t for t in summary["trials"] if t["status"] == "ok")

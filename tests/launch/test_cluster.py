@@ -1,11 +1,15 @@
 """The cluster launcher files pass Ray's own config validation (offline: `ray up` has no dry
 run) and keep the promises of cluster/README.md: our pinned Ray image, loopback-only services,
 GPU container options on GPU nodes only, Ray's token authentication, a tracking database that
-outlives the cluster, and workers with credentials of their own that reach the bucket only
-(cluster/iam/). tests/launch/test_cluster_commands.py runs their commands and rsync filters."""
+outlives the cluster, and workers with credentials of their own that write only where trials
+write (cluster/iam/, evaluated against where the code puts each file).
+tests/launch/test_cluster_commands.py runs their commands and rsync filters."""
 
 import copy
+import fnmatch
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,6 +17,9 @@ import pytest
 import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from apollo_ray.storage import join_uri
+from apollo_ray.study.schema import BASELINES, load_study
 
 CLUSTER = sorted((Path(__file__).parents[2] / "cluster").glob("*.yaml"))
 
@@ -97,11 +104,119 @@ def _listed(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else value
 
 
-def test_aws_workers_get_a_role_of_their_own_that_reaches_the_bucket_only():
-    """Each node type names its own instance profile; the workers' policy is the bucket's objects
-    and nothing else; the head's adds what Ray's autoscaler calls (aws/node_provider.py: describe,
+def _allowed(statements: list[dict], action: str, arn: str) -> bool:
+    """IAM's verdict for one action on one resource (`*` and `?` in a resource match any
+    characters, `/` included): an explicit Deny wins, else an Allow, else no."""
+
+    def matches(s: dict) -> bool:
+        return action in _listed(s["Action"]) and any(
+            fnmatch.fnmatchcase(arn, r) for r in _listed(s["Resource"])
+        )
+
+    effects = {s["Effect"] for s in statements if matches(s)}
+    return "Allow" in effects and "Deny" not in effects
+
+
+def _keys_by_writer() -> tuple[str, dict[str, list[str]]]:
+    """The bucket and its object keys, by who writes them, where the code puts them: a study
+    of cluster's (search_spaces/bert.yaml) with its storage_path and data in the bucket, MLflow's
+    artifacts where the cluster file sends them."""
+    config = yaml.safe_load((ROOT / "cluster" / "gpu.yaml").read_text())
+    artifacts = _mlflow_command(config).split("--artifacts-destination ")[1].split()[0]
+    study = load_study(ROOT / "search_spaces" / "bert.yaml")
+    assert study.storage_path.startswith("s3://YOUR-BUCKET/")
+    head_only = [
+        study.search_state("search", name)
+        for name in ("tuner.pkl", "experiment_state-2026-12-06.json", "searcher-state.pkl")
+    ] + [
+        study.search_state("search", "trial01", "error.pkl"),
+        study.storage(study.experiment, "trials", "trial01", "checkpoint_manager_snapshot.json"),
+        study.storage(study.experiment, "trials", "trial01", ".validate_storage_marker"),
+        join_uri(study.base.data.path, "manifest.json"),
+        join_uri(study.base.data.path, "train-00000.arrow"),
+        join_uri(artifacts, "1", "models", "m-1", "artifacts", "model.pt"),
+    ]
+    workers = [
+        study.storage(study.experiment, "trials", "trial01", "step-100", "checkpoint.pt"),
+        study.storage(study.experiment, "trials", "trial01", "checkpoint_000001", "x.pt"),
+        study.storage(BASELINES, "a1b2", "run", "step-100", "checkpoint.pt"),
+    ]
+    bucket = config["head_start_ray_commands"][-1].split("s3://")[1].split("/")[0]
+
+    def key(uri: str) -> str:
+        return uri.split("://", 1)[1].split("/", 1)[1]
+
+    return bucket, {"head": list(map(key, head_only)), "workers": list(map(key, workers))}
+
+
+def test_aws_workers_write_only_where_trials_write():
+    """The workers' policy, evaluated as IAM would: they read the data and checkpoints, write
+    and delete the trials' and baselines' checkpoints (where the code puts them), and cannot
+    write Tune's state, the Ray Train files the head reads back, the data or MLflow's
+    artifacts; the head's policy writes all of the bucket's objects."""
+    bucket, keys = _keys_by_writer()
+    workers = json.loads((IAM / "aws-worker-policy.json").read_text())["Statement"]
+    head = json.loads((IAM / "aws-head-policy.json").read_text())["Statement"]
+    for action in ("s3:PutObject", "s3:DeleteObject"):
+        for key in keys["workers"]:
+            assert _allowed(workers, action, f"arn:aws:s3:::{bucket}/{key}"), (action, key)
+        for key in keys["head"]:
+            assert not _allowed(workers, action, f"arn:aws:s3:::{bucket}/{key}"), (action, key)
+            assert _allowed(head, action, f"arn:aws:s3:::{bucket}/{key}"), (action, key)
+    data = keys["head"][-3]
+    assert _allowed(workers, "s3:GetObject", f"arn:aws:s3:::{bucket}/{data}")
+    actions = {a for s in workers for a in _listed(s["Action"])}
+    assert all(a.startswith("s3:") and "*" not in a for a in actions)
+
+
+def _gcp_conditions(bucket: str) -> dict[str, str]:
+    """The worker's two IAM Conditions of gcp-iam.sh, as the script builds them."""
+    script = (IAM / "gcp-iam.sh").read_text()
+    lines = [ln for ln in script.splitlines() if ln.startswith(("objects=", "reads=", "writes="))]
+    shown = subprocess.run(
+        ["bash", "-c", "\n".join([*lines, 'printf "%s\\n" "$reads" "$writes"'])],
+        env={"BUCKET": bucket, "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    return dict(zip(("reads", "writes"), shown, strict=True))
+
+
+def _cel(expression: str, name: str, kind: str = "storage.googleapis.com/Object") -> bool:
+    """The CEL of an IAM Condition on one resource, for the forms the script uses."""
+    python = (
+        expression.replace("&&", " and ")
+        .replace("||", " or ")
+        .replace("!resource", " not resource")
+        .replace(".startsWith(", ".startswith(")
+        .replace(".endsWith(", ".endswith(")
+    )
+    assert set(re.findall(r"resource\.\w+", python)) <= {"resource.name", "resource.type"}
+    resource = type("Resource", (), {"name": name, "type": kind})
+    return eval(python, {"__builtins__": {}}, {"resource": resource})
+
+
+def test_gcp_workers_write_only_where_trials_write():
+    bucket, keys = _keys_by_writer()
+    conditions = _gcp_conditions(bucket)
+    objects = f"projects/_/buckets/{bucket}/objects"
+    for key in keys["workers"]:
+        assert _cel(conditions["writes"], f"{objects}/{key}"), key
+    for key in keys["head"]:
+        assert not _cel(conditions["writes"], f"{objects}/{key}"), key
+    assert _cel(conditions["reads"], f"{objects}/{keys['head'][-3]}")  # the data
+    assert _cel(
+        conditions["reads"], f"projects/_/buckets/{bucket}", "storage.googleapis.com/Bucket"
+    )
+    assert not _cel(conditions["reads"], f"{objects}/{keys['head'][-1]}")  # MLflow's
+
+
+def test_aws_head_may_run_this_clusters_nodes_only():
+    """The head's policy adds what Ray's autoscaler calls (aws/node_provider.py: describe,
     run, tag and terminate instances) in the cluster's region, terminating and tagging only the
-    instances tagged with this cluster, and may hand EC2 the workers' role and no other."""
+    instances tagged with this cluster, and may hand EC2 the workers' role and no other; each
+    node type names its own instance profile."""
     config = yaml.safe_load((ROOT / "cluster" / "gpu.yaml").read_text())
     region, cluster = config["provider"]["region"], config["cluster_name"]
     nodes = {k: v["node_config"] for k, v in config["available_node_types"].items()}
@@ -109,19 +224,11 @@ def test_aws_workers_get_a_role_of_their_own_that_reaches_the_bucket_only():
     assert profiles["head"] != profiles["gpu_worker"]
     assert all(n["ImageId"].startswith("ami-") for n in nodes.values())
     account, worker = profiles["gpu_worker"].split(":")[4], profiles["gpu_worker"].split("/")[-1]
-    bucket = _mlflow_command(config).split("--artifacts-destination s3://")[1].split("/")[0]
     head = json.loads((IAM / "aws-head-policy.json").read_text())["Statement"]
-    workers = json.loads((IAM / "aws-worker-policy.json").read_text())["Statement"]
-
-    for statement in workers:
-        assert all(a.startswith("s3:") and "*" not in a for a in _listed(statement["Action"]))
-        for arn in _listed(statement["Resource"]):
-            assert arn in (f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"), arn
-    assert [s for s in head if _listed(s["Action"])[0].startswith("s3:")] == workers
     [pass_role] = [s for s in head if s["Action"] == "iam:PassRole"]
     assert pass_role["Resource"] == f"arn:aws:iam::{account}:role/{worker}"
     for statement in head:
-        if statement not in workers and statement["Resource"] != "*":
+        if not _listed(statement["Action"])[0].startswith("s3:") and statement["Resource"] != "*":
             for arn in _listed(statement["Resource"]):
                 assert arn.split(":")[3] in (region, ""), arn  # "": IAM is global
     terminate = [s for s in head if "ec2:TerminateInstances" in _listed(s["Action"])]

@@ -108,4 +108,4 @@ def test_search_across_two_nodes_survives_losing_one(tmp_path, gpt_data, s3, tin
     stored = f"bucket/ray/multinode/trials/{run_dir.name}/step-0000012/checkpoint.pt"
     assert fs.get_file_info(stored).size > 0
     assert not list(run_dir.glob("step-*"))
-    assert tune.Tuner.can_restore(join_uri(s3, "ray", "multinode", "tune", "search"))
+    assert tune.Tuner.can_restore(join_uri(s3, "ray", "tune", "multinode", "search"))

@@ -73,7 +73,7 @@ def progress(tmp_path: Path, live: bool, **kw) -> tuple[TrialProgress, io.String
     callback = TrialProgress(
         150,
         stages=3,
-        storage=str(tmp_path / "outputs" / "study" / "tune" / "search"),
+        storage=str(tmp_path / "outputs" / "tune" / "study" / "search"),
         run_root=str(tmp_path / "outputs" / "study" / "trials"),
         live=live,
         stream=out,
@@ -148,13 +148,15 @@ def test_a_failed_trial_prints_its_error_and_where_its_logs_are(tmp_path):
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
     error = "NonFiniteLossError: loss is nan (gradient norm nan) at step 1"
-    study = tmp_path / "outputs" / "study"
+    outputs = tmp_path / "outputs"
+    study = outputs / "study"
     assert lines == [
         "trial e1168725 started",
         f"trial e1168725 failed at step 25: {error}; retrying",
         "trial e1168725 failed again (the same error); retrying",
         f"trial e1168725 failed after 7s: {error}",
-        f"  error: {study}/tune/search/e1168725/error.txt; run folder: {study}/trials/e1168725",
+        f"  error: {outputs}/tune/study/search/e1168725/error.txt; run folder: "
+        f"{study}/trials/e1168725",
     ]
 
 
