@@ -715,5 +715,5 @@ def check_file(
         errors += level == "error"
         print(f"{level}: {where}: {_dotted(problem.key)}: {problem.message}", file=sys.stderr)
     if not errors:
-        print(f"ok: {path} ({CHECKED})")
+        print(f"ok: {path} ({CHECKED}{'; the study fits' if study else ''})")
     return errors > 0
