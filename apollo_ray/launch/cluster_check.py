@@ -428,15 +428,16 @@ def _mlflow_store(config: dict[str, Any]) -> Iterator[Problem]:
                 needle="mlflow server",
             )
             continue
-        for where, uri in _expansions(store[1].strip("\"'"), env, key):
-            path = uri.strip("\"'").removeprefix("sqlite:///")
-            if not uri.strip("\"'").startswith("sqlite:"):
+        for where, quoted in _expansions(store[1].strip("\"'"), env, key):
+            uri = quoted.strip("\"'")
+            path = uri.removeprefix("sqlite:///")
+            if not uri.startswith("sqlite:"):
                 continue
             if not any(path.startswith(f"{folder.rstrip('/')}/") for folder in shared):
                 on = ", ".join(shared) or "none: no NFS mount in initialization_commands"
                 yield Problem(
                     where,
-                    f"MLflow's database {uri.strip(chr(39) + chr(34))} is not on the shared "
+                    f"MLflow's database {uri} is not on the shared "
                     f"file system ({on}): `ray down` or a new head loses every study's records; "
                     "keep it under the shared folder, or use PostgreSQL",
                     needle="sqlite",
