@@ -267,6 +267,11 @@ class ResourcesConfig(Strict):
         "all), SPREAD over as many as it can",
     )
 
+    @property
+    def per_worker(self) -> dict[str, float]:
+        """What one worker reserves, as Ray resources: CPU, GPU and the custom ones."""
+        return {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker, **self.worker_resources}
+
 
 class RunConfig(Strict):
     """One training run: `python -m apollo_ray.train RUN.yaml`."""

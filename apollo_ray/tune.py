@@ -153,7 +153,7 @@ def check_resources(study: StudyConfig) -> list[dict[str, float]] | None:
     from apollo_ray.search.tuner import trial_resources
 
     res, now = study.base.resources, ray.cluster_resources()
-    per_worker = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker, **res.worker_resources}
+    per_worker = res.per_worker
     # the trial's driver, beside its TorchTrainer's workers
     driver = 0.0 if solo.applies(study.base) else trial_resources(study)["CPU"]
     types = node_types()

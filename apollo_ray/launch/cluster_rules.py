@@ -579,7 +579,7 @@ def _capacity(config: dict[str, Any], res: ResourcesConfig) -> Iterator[Problem]
             needle="resources",
         )
         return
-    per_worker = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker, **res.worker_resources}
+    per_worker = res.per_worker
     one_node = res.placement == "STRICT_PACK"
     if problem := shortfall(per_worker, res.workers, {}, types, 0.0, one_node):
         yield Problem(

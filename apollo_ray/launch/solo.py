@@ -25,7 +25,7 @@ from apollo_ray.training.faults import FaultInjection
 from apollo_ray.training.runlog import DIVERGED, NonFiniteLossError
 from apollo_ray.training.trainer import Trainer
 
-__all__ = ["applies", "run", "task_resources", "train"]
+__all__ = ["applies", "run", "train"]
 
 
 def train(
@@ -72,12 +72,6 @@ def applies(cfg: RunConfig) -> bool:
     return cfg.resources.workers == 1 and cfg.resources.worker_group == "auto"
 
 
-def task_resources(cfg: RunConfig) -> dict[str, float]:
-    """What the one worker of `cfg` reserves, as Ray resources (CPU, GPU and custom ones)."""
-    res = cfg.resources
-    return {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker, **res.worker_resources}
-
-
 def run(
     cfg: RunConfig,
     *,
@@ -92,7 +86,7 @@ def run(
 
     data = cfg.data.model_copy(update={"path": absolute(cfg.data.path)})
     cfg = cfg.model_copy(update={"out_dir": str(cfg.output_dir), "data": data})
-    resources = task_resources(cfg)
+    resources = cfg.resources.per_worker
     task = ray.remote(train).options(
         num_cpus=resources.pop("CPU"),
         num_gpus=resources.pop("GPU"),

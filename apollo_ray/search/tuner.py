@@ -211,7 +211,7 @@ def trial_resources(study: StudyConfig) -> dict[str, float]:
     driver (its Train controller runs beside it, and a GPU node that goes away, e.g. a spot
     reclaim, must take only workers with it), and its TorchTrainer reserves the workers."""
     if solo.applies(study.base):
-        return solo.task_resources(study.base)
+        return study.base.resources.per_worker
     return {"CPU": DRIVER_CPU, distributed.HEAD_NODE: 0.001}
 
 
