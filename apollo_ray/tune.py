@@ -6,6 +6,8 @@
                                                     # or print a finished one's end again
     python -m apollo_ray.tune search_spaces/small.yaml --verbose  # Ray's logs on the terminal too
     python -m apollo_ray.tune search_spaces/small.yaml --check    # the checks below, no Ray
+    python -m apollo_ray.tune search_spaces/transfer-gpt.yaml --transfer-only  # carry a
+                                                    # finished search to its target size
     python -m apollo_ray.tune search_spaces/small.yaml --kill-at-step 7  # chaos: each trial
                                                     # is killed once and must resume
 
@@ -18,7 +20,9 @@ it and checked against the base run, Ray joined and its resources checked; each 
 `error:` line. Then the scratch frontier is trained once (or reused from
 `<output_dir>/baselines/`), the trials run (`apollo_ray.search.tuner`), and the end is
 summarised: a table, `best.yaml` (a ready-to-use run config) and `summary.json` in
-`<output_dir>/<experiment>/`, and the study's MLflow run.
+`<output_dir>/<experiment>/`, and the study's MLflow run. A study with a `transfer` section then
+carries its schedules to the target size and reports whether the ranking held there
+(`apollo_ray.search.transfer`: transfer.txt, best.yaml the target's).
 
 While the trials run, the terminal shows one line per running trial (`apollo_ray.search.progress`),
 redrawn in place; without a terminal (CI, a log file) one line as each trial starts and one as
@@ -50,6 +54,7 @@ __all__ = [
     "cheap_checks",
     "check_new_or_resumed",
     "check_resources",
+    "check_transfer_only",
     "main",
     "prepare_data",
     "run_study",
@@ -181,17 +186,20 @@ def run_study(
     resume: bool,
     verbose: bool = False,
     faults: dict[str, int] | None = None,
+    transfer_only: bool = False,
 ) -> None:
     """Everything after the cheap checks: tracking, storage, data, Ray, the baseline, the
-    search, the end. Unless `verbose`, Ray's logs and the workers' output stay in Ray's log
-    files and the trials show as live lines (`apollo_ray.search.progress`). `faults` kills each
-    search trial's training once (`apollo_ray.training.faults`, chaos testing)."""
+    search, the end, the transfer (only the last with `transfer_only`, on the finished search's
+    summary). Unless `verbose`, Ray's logs and the workers' output stay in Ray's log files and
+    the trials show as live lines (`apollo_ray.search.progress`). `faults` kills each search
+    trial's training once (`apollo_ray.training.faults`, chaos testing)."""
     from apollo_ray.launch.scaling import requested
     from apollo_ray.records.results import log_study_results
     from apollo_ray.records.tracking import study_run
     from apollo_ray.search.baseline import ensure_frontier
     from apollo_ray.search.progress import calm_driver
-    from apollo_ray.search.summary import confirmation, summarize, trial_rows
+    from apollo_ray.search.summary import confirmation, searched, summarize, trial_rows
+    from apollo_ray.search.transfer import run_transfer
     from apollo_ray.search.tuner import confirm_runs, run_confirm, run_search
 
     quiet = calm_driver(verbose)
@@ -200,28 +208,52 @@ def run_study(
         check_tracking(uri, "tracking.mlflow_uri" if study.tracking.mlflow_uri else None)
         storage("storage_path", study.storage_path)
         storage(BASE_DATA, study.base.data.path)
-        check_new_or_resumed(study, resume)
+        if not transfer_only:
+            check_new_or_resumed(study, resume)
         if prepare_data(study) or is_uri(study.base.data.path):  # local data: checked already
             check_data(study.base.data, study.base.model.kind, field=BASE_DATA)
+        if study.transfer is not None:  # the target's data, prepared as the proxy's if need be
+            target = study.target()
+            prepare_data(target)
+            check_data(target.base.data, target.base.model.kind, field="transfer.base.data.path")
         join_ray(address, **quiet)
         bundles = check_resources(study)
         # the request ends with the study, or with its driver, killed (a watchdog on the head)
         with (
             requested(bundles) if bundles else contextlib.nullcontext(),
-            study_run(study, yaml_path, uri, resume) as record,
+            study_run(study, yaml_path, uri, resume or transfer_only) as record,
         ):
-            scratch = ensure_frontier(study, record)
-            rows = trial_rows(study, run_search(study, scratch, record, faults, live))
-            confirmed = None
-            done = [r for r in rows if r["status"] == "ok"]
-            if study.search.confirm is not None and done:
-                runs = confirm_runs(study, done[: study.search.confirm.top_k])
-                grid = run_confirm(study, scratch, runs, record, live=live)
-                confirmed = confirmation(study, runs, grid)
-            print()
-            summary = summarize(study, rows, scratch, confirmed)  # prints the table
-            log_study_results(record, study, summary, scratch)
+            summary = searched(study) if transfer_only else None
+            if summary is None:
+                scratch = ensure_frontier(study, record)
+                rows = trial_rows(study, run_search(study, scratch, record, faults, live))
+                confirmed = None
+                done = [r for r in rows if r["status"] == "ok"]
+                if study.search.confirm is not None and done:
+                    runs = confirm_runs(study, done[: study.search.confirm.top_k])
+                    grid = run_confirm(study, scratch, runs, record, live=live)
+                    confirmed = confirmation(study, runs, grid)
+                print()
+                summary = summarize(study, rows, scratch, confirmed)  # prints the table
+                log_study_results(record, study, summary, scratch)
+            if study.transfer is not None and summary["best"]:
+                best = summary["best"][0]["trial"]
+                run_transfer(study, summary["trials"], summary["confirmed"], best, record, live)
     print("\n" + where_to_look(study))
+
+
+def check_transfer_only(study: StudyConfig, path: str) -> None:
+    """--transfer-only needs a `transfer` section and this study's finished search."""
+    from apollo_ray.search.summary import searched
+
+    if study.transfer is None:
+        raise ConfigError(f"{path}: --transfer-only needs a `transfer` section in the study")
+    if searched(study) is None:
+        raise ConfigError(
+            f"{study.study_dir} holds no finished search of this study (its summary.json is "
+            f"missing, or the study's search has changed since): run python -m apollo_ray.tune "
+            f"{path} first (it carries the schedules too)"
+        )
 
 
 def where_to_look(study: StudyConfig) -> str:
@@ -239,7 +271,10 @@ def where_to_look(study: StudyConfig) -> str:
         mlflow = f"MLflow UI: python -m apollo_ray.ui --output-dir {study.output_dir}{make}"
     return "\n".join(
         [
-            f"summary: {out / 'summary.txt'} (also summary.json; best.yaml: the best schedule)",
+            f"summary: {out / 'summary.txt'} (also summary.json; best.yaml: the best schedule)"
+            if study.transfer is None
+            else f"summary: {out / 'summary.txt'} and {out / 'transfer.txt'} (best.yaml: the "
+            "schedule that won at the target; best-proxy.yaml: the search's best)",
             mlflow,
             f"trials: {out / 'trials'}/<trial> (metrics.jsonl); Tune: {out / 'tune'}",
             f"Ray's logs: {RAY_LOGS}",
@@ -276,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only check the study, as it starts: the file, its folders and its local data "
         "(every file a run reads), without Ray, MLflow or the network; exit 0 if all pass",
     )
+    parser.add_argument(
+        "--transfer-only",
+        action="store_true",
+        help="run only the study's transfer (its `transfer` section) on its finished search: "
+        "carry the schedules to the target size and compare the rankings",
+    )
     add_fault_arguments(
         parser, "each trial must resume from its last checkpoint", "each trial's (last) worker"
     )
@@ -286,15 +327,18 @@ def main(argv: list[str] | None = None) -> int:
             cheap_checks(study, args.address)
             print(f"{args.study}: the study, its folders and its local data pass the checks")
             return 0
-        if args.resume:  # a finished study answers at once, without Ray or MLflow
+        if args.transfer_only:
+            check_transfer_only(study, args.study)
+        elif args.resume:  # a finished study answers at once, without Ray or MLflow
             from apollo_ray.search.summary import finished
 
             if (text := finished(study)) is not None:
                 print(text + "\n" + where_to_look(study))
                 return 0
         cheap_checks(study, args.address)
+        faults = requested(args) or None
         run_study(
-            study, args.study, args.address, args.resume, args.verbose, requested(args) or None
+            study, args.study, args.address, args.resume, args.verbose, faults, args.transfer_only
         )
     except (ConfigError, DataError, NonFiniteLossError) as e:  # the last: a diverged baseline
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The pictures MLflow shows besides the loss-vs-FLOPs plot (`apollo_ray.yardstick.acceleration`):
-the depths a run sampled in each stage, and Optuna's views of a finished search."""
+the depths a run sampled in each stage, Optuna's views of a finished search, and a transfer's
+proxy-against-target speedups."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from apollo_ray.config import RunConfig
 from apollo_ray.method.schedule import Schedule
 from apollo_ray.study.space import ChoiceParam, IncreasingParam, IntParam, Param
 
-__all__ = ["depth_histogram", "optuna_plots", "optuna_study"]
+__all__ = ["depth_histogram", "optuna_plots", "optuna_study", "transfer_scatter"]
 
 
 def depth_histogram(cfg: RunConfig, path: str | Path) -> Path:
@@ -122,3 +123,52 @@ def optuna_plots(study: optuna.Study, out_dir: str | Path) -> list[Path]:
             plt.close(fig)
             written.append(path)
     return written
+
+
+def transfer_scatter(report: dict[str, Any], path: str | Path) -> Path:
+    """Each carried schedule's target speedup against its proxy speedup (log-log; bars: the
+    95% intervals of those with several seeds), the lines of no speedup, and the correlation in
+    the title (`apollo_ray.search.transfer.compare`'s report)."""
+    fig = Figure(figsize=(6, 5), dpi=130, layout="constrained")
+    ax = fig.add_subplot()
+    for e in report["schedules"]:
+        p, t = e["proxy"].get("interval"), e["target"].get("interval")
+        if p is None or t is None:
+            continue
+        colour = "tab:red" if e["schedule"] == report["proxy_best"] else "tab:blue"
+        colour = "black" if e["schedule"] == "release" else colour
+
+        def bar(ci):
+            return (
+                None if ci["low"] is None else [[ci["mean"] - ci["low"]], [ci["high"] - ci["mean"]]]
+            )
+
+        ax.errorbar(
+            p["mean"], t["mean"], xerr=bar(p), yerr=bar(t), fmt="o", color=colour, capsize=3
+        )
+        ax.annotate(
+            e["schedule"],
+            (p["mean"], t["mean"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.axhline(1, color="0.6", linestyle=":")
+    ax.axvline(1, color="0.6", linestyle=":")
+    s = report["spearman"]
+    rho = "n/a" if s["rho"] != s["rho"] else f"{s['rho']:+.2f} [{s['low']:+.2f}, {s['high']:+.2f}]"
+    split = report["split"]
+    ax.set_xlabel(f"speedup on the proxy ({split} split)")
+    ax.set_ylabel(f"speedup on the target ({split} split)")
+    ax.set_title(
+        f"{report.get('proxy', '')} -> {report.get('target', '')}: Spearman {rho}, "
+        f"{s['n']} schedules\n(red: the proxy's best; black: the release)",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -18,7 +18,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from apollo_ray.config import RunConfig
-from apollo_ray.records.plots import depth_histogram, optuna_plots, optuna_study
+from apollo_ray.records.plots import depth_histogram, optuna_plots, optuna_study, transfer_scatter
 from apollo_ray.records.tracking import TRIAL, StudyRecord, find_run
 from apollo_ray.storage import fetch
 from apollo_ray.study.schema import OBJECTIVES, StudyConfig
@@ -29,7 +29,14 @@ from apollo_ray.yardstick.acceleration import Curve, plot_loss_vs_flops
 from apollo_ray.yardstick.frontier import Frontier
 from apollo_ray.yardstick.scratch import Scratch
 
-__all__ = ["SCORE_METRICS", "log_frontier", "log_run_results", "log_study_results", "register_best"]
+__all__ = [
+    "SCORE_METRICS",
+    "log_frontier",
+    "log_run_results",
+    "log_study_results",
+    "log_transfer",
+    "register_best",
+]
 
 # A trial's scores against the frontier that become MLflow metrics (besides paper_*)
 SCORE_METRICS = ("eval_loss_se", "speedup", "saving", "wall_speedup", "wall_saving", "test_speedup")
@@ -172,6 +179,36 @@ def log_study_results(
             register_best(record, study, best[0]["trial"], measured, about)
         except Exception as e:  # the study itself is complete: say so, do not fail it
             print(f"mlflow: best model not registered: {e}", file=sys.stderr)
+
+
+def log_transfer(record: StudyRecord, report: dict[str, Any], out: Path) -> None:
+    """A transfer's run (`record.parent_id`, the study's `transfer` run): the correlation and
+    whether the bests agree as metrics, the verdict as its description, the report files and
+    best.yaml, and the proxy-against-target plot. A failure is reported, not raised."""
+    client, run_id = record.client(), record.parent_id
+    s = report["spearman"]
+    values = {
+        "spearman_rho": s["rho"],
+        "spearman_low": s["low"],
+        "spearman_high": s["high"],
+        "schedules": s["n"],
+        "same_best": float(report["same_best"]),
+    }
+    now = int(time.time() * 1000)
+    try:
+        finite = [Metric(k, float(v), now, 0) for k, v in values.items() if v == v]
+        client.log_batch(run_id, metrics=finite)
+        text = (out / "transfer.txt").read_text()
+        client.set_tag(run_id, NOTE, _note(report["verdict"], text))
+        client.set_tag(run_id, "apollo.target_best", str(report["target_best"]))
+        for name in ("transfer.json", "transfer.txt", "best.yaml", "best-proxy.yaml"):
+            if (out / name).exists():
+                client.log_artifact(run_id, str(out / name), "summary")
+        with tempfile.TemporaryDirectory() as tmp:
+            transfer_scatter(report, Path(tmp) / "proxy_vs_target.png")
+            client.log_artifacts(run_id, tmp, "plots")
+    except Exception as e:
+        print(f"mlflow: the transfer's results were not logged: {e}", file=sys.stderr)
 
 
 NOTE = "mlflow.note.content"  # a run's (or experiment's) description in the MLflow UI, Markdown

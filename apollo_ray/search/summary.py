@@ -36,10 +36,14 @@ __all__ = [
     "pareto_front",
     "ranking",
     "read_baseline",
+    "searched",
     "summarize",
     "text_table",
+    "transfer_fingerprint",
+    "transferred",
     "trial_rows",
     "tuning_note",
+    "write_best_yaml",
 ]
 
 
@@ -181,9 +185,10 @@ def summarize(
         "note": "\n".join(notes),
     }
     out = Path(study.study_dir)
-    if best:
+    if best:  # with a transfer, best.yaml is the target's (apollo_ray.search.transfer)
         reading = confirmed[0] if confirmed and confirmed[0]["seeds"] else None
-        write_best_yaml(study, best[0], out / "best.yaml", reading)
+        name = "best-proxy.yaml" if study.transfer else "best.yaml"
+        write_best_yaml(study, best[0], out / name, reading)
     table = format_table(rows)
     if confirmed:
         table += "\n\nconfirmed with fresh seeds, best first:\n" + format_confirmed(confirmed)
@@ -195,20 +200,49 @@ def summarize(
 
 
 def fingerprint(study: StudyConfig) -> str:
-    """What the study asks for, hashed: a summary answers again only for the same study."""
-    return hashlib.sha256(study.model_dump_json().encode()).hexdigest()[:16]
+    """What the search asks for, hashed (its `transfer` aside: one added to a finished search
+    runs on its results): a summary answers again only for the same search."""
+    return hashlib.sha256(study.model_dump_json(exclude={"transfer"}).encode()).hexdigest()[:16]
 
 
 def finished(study: StudyConfig) -> str | None:
     """The end of this study as it printed it (`summary.txt`) when it has finished, and its
     study file has not changed since (`fingerprint`); None otherwise."""
+    summary = searched(study)
+    if summary is None:
+        return None
+    text = (Path(study.study_dir) / "summary.txt").read_text()
+    if study.transfer is None:
+        return text
+    report = transferred(study)
+    return None if report is None else text + "\n" + report
+
+
+def transfer_fingerprint(study: StudyConfig) -> str:
+    """The whole study, its transfer included, hashed: what a transfer's runs were made for."""
+    return hashlib.sha256(study.model_dump_json().encode()).hexdigest()[:16]
+
+
+def transferred(study: StudyConfig) -> str | None:
+    """The transfer's report as printed (`transfer.txt`) when it ran for this very study."""
+    out = Path(study.study_dir)
+    try:
+        report = json.loads((out / "transfer.json").read_text())
+        text = (out / "transfer.txt").read_text()
+    except (OSError, ValueError):
+        return None
+    return text if report.get("fingerprint") == transfer_fingerprint(study) else None
+
+
+def searched(study: StudyConfig) -> dict[str, Any] | None:
+    """The summary of this study's finished search (`summary.json`), if it is this search's."""
     out = Path(study.study_dir)
     try:
         summary = json.loads((out / "summary.json").read_text())
-        text = (out / "summary.txt").read_text()
+        (out / "summary.txt").stat()
     except (OSError, ValueError):
         return None
-    return text if summary.get("fingerprint") == fingerprint(study) else None
+    return summary if summary.get("fingerprint") == fingerprint(study) else None
 
 
 def answer(confirmed: list[dict[str, Any]] | None, best: dict[str, Any] | None, reg: Regime) -> str:

@@ -140,9 +140,12 @@ def run_confirm(
     runs: list[dict[str, Any]],
     record: StudyRecord | None,
     live: bool | None = None,
+    name: str = "confirm",
 ):
     """The confirmation runs (`search.confirm`, listed by `confirm_runs`) as Tune trials of
-    their own; returns Tune's `ResultGrid`, each result's config naming its run by index."""
+    their own; returns Tune's `ResultGrid`, each result's config naming its run by index. The
+    transfer's runs (`apollo_ray.search.transfer`) are such re-runs too, as Tune experiment
+    `name`: each run's trial is the schedule it carries."""
     trainable = _with_resources(
         study,
         tune.with_parameters(
@@ -151,11 +154,12 @@ def run_confirm(
             study=study.model_dump(mode="json"),
             scratch=scratch,
             record=record,
+            kind=name,
         ),
     )
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    path = study.search_state("confirm")
-    progress = progress_callback(study, "confirm", runs, live)
+    path = study.search_state(name)
+    progress = progress_callback(study, name, runs, live)
     if tune.Tuner.can_restore(path):
         tuner = _quiet(tune.Tuner.restore(path, trainable, resume_unfinished=True), progress)
         return _ended(tuner.fit(), len(runs))
@@ -167,7 +171,7 @@ def run_confirm(
             reuse_actors=True,
             **_names(functools.partial(_rerun, runs=runs)),
         ),
-        run_config=_run_config(study, "confirm", record, progress),
+        run_config=_run_config(study, name, record, progress),
     )
     return _ended(tuner.fit(), len(runs))
 
@@ -311,13 +315,15 @@ def confirm_driver(
     study: dict[str, Any],
     scratch: Scratch,
     record: StudyRecord | None = None,
+    kind: str = "confirm",
 ) -> None:
-    """Tier 2 of a confirmation run: a best trial's schedule with a fresh seed."""
+    """Tier 2 of a confirmation run (`kind`; or a transfer's run): a best trial's schedule
+    with a fresh seed."""
     spec = StudyConfig.model_validate(study)
     run = runs[config["run"]]
     params = {**run["params"], "seed": run["seed"]}
     tags = {CONFIRM_OF: run["trial"]}
-    _train_and_score(spec, params, params, "confirm", scratch, record, tags)
+    _train_and_score(spec, params, params, kind, scratch, record, tags)
 
 
 def _train_and_score(

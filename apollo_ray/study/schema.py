@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 
 from apollo_ray.config import ConfigError, RunConfig, Strict, format_validation_error, load_yaml
 from apollo_ray.storage import absolute, is_uri, join_uri
+from apollo_ray.study.scaling import scale_schedule
 from apollo_ray.study.space import Param
 from apollo_ray.study.space_checks import Problem, check_space, line_errors
 
@@ -35,6 +36,7 @@ __all__ = [
     "SearchConfig",
     "StudyConfig",
     "TrackingConfig",
+    "TransferConfig",
     "load_study",
 ]
 
@@ -198,6 +200,63 @@ class BaselineConfig(Strict):
         return lrs
 
 
+class TransferConfig(Strict):
+    """Search small, train big: the proxy's schedules carried to the target size once the
+    search (and its confirmation) has ended (`apollo_ray.search.transfer`), each trained there
+    against the target's own tuned scratch frontier, and the two rankings compared."""
+
+    base: dict[str, Any] = Field(
+        min_length=1,
+        description="the target's overrides of base, section by section, e.g. {model: "
+        "{n_layer: 8, d_model: 48, n_head: 3}, train: {steps: 1215}}; a section's fields not "
+        "named keep base's",
+    )
+    carry: int = Field(
+        6,
+        ge=2,
+        description="how many of the proxy's finished trials to carry: the best, the worst and "
+        "evenly between in the proxy's ranking (all of them when fewer finished)",
+    )
+    release: bool = Field(
+        True, description="also carry base.schedule (the released recipe) as a fixed reference"
+    )
+    seeds: int = Field(
+        1, ge=1, description="seeds of each carried trial at the target: base.seed + 1, ..."
+    )
+    best_seeds: int = Field(
+        3,
+        ge=1,
+        description="seeds of the proxy's best trial and of the release at the target (and of "
+        "the release at the proxy, which the search did not train)",
+    )
+    lr: Literal["scratch", "carried"] = Field(
+        "scratch",
+        description="the LR and LR schedule family at the target: scratch = those the target's "
+        "tuned scratch chose for the full budget (the proxy's LR need not suit a wider model); "
+        "carried = each trial's own, as searched on the proxy",
+    )
+    frontier: list[float] | None = Field(
+        None, description="the target's scratch budgets (null: the study's frontier)"
+    )
+    baseline: BaselineConfig | None = Field(
+        default_factory=BaselineConfig,
+        description="how the target's scratch is tuned per budget (its own LR sweep around the "
+        "target's train.lr); null: untuned",
+    )
+
+    @field_validator("base")
+    @classmethod
+    def _sections(cls, base: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"seed", "model", "data", "train", "resources"}
+        unknown = sorted(set(base) - allowed)
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)}: not a section the target overrides (allowed: "
+                f"{', '.join(sorted(allowed))}; its schedules are the proxy's, scaled)"
+            )
+        return base
+
+
 class StudyConfig(Strict):
     """One study: `python -m apollo_ray.tune STUDY.yaml`.
 
@@ -242,6 +301,12 @@ class StudyConfig(Strict):
     )
     search: SearchConfig = Field(description="trials, sampler, objective, scheduler, space")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")
+    transfer: TransferConfig | None = Field(
+        None,
+        description="after the search (and confirm): carry its schedules to a larger target and "
+        "measure whether the ranking holds there (python -m apollo_ray.tune STUDY "
+        "--transfer-only on a finished search)",
+    )
 
     @field_validator("experiment")
     @classmethod
@@ -301,9 +366,46 @@ class StudyConfig(Strict):
         if smallest < 2:
             message = f"the smallest budget gives {smallest} steps of base.train.steps; raise it"
             problems.append(Problem(("frontier",), message, self.frontier))
+        if self.transfer is not None and not problems:
+            try:
+                self.target()
+            except ValidationError as e:
+                for err in e.errors():
+                    at = tuple(str(x) for x in err["loc"])
+                    where = ("transfer", *at) if at[:1] == ("base",) else ("transfer", "base", *at)
+                    problems.append(Problem(where, f"at the target: {err['msg']}", None))
+            except ValueError as e:
+                problems.append(Problem(("transfer", "base"), str(e), None))
         if problems:
             raise ValidationError.from_exception_data(type(self).__name__, line_errors(problems))
         return self
+
+    def target(self) -> StudyConfig:
+        """The study at the target size (`transfer`): base with the target's overrides and the
+        base schedule scaled to it (`scaling.scale_schedule`), the target's frontier and
+        scratch tuning, experiment `<experiment>-target`; no search of its own."""
+        assert self.transfer is not None
+        t = self.transfer
+        base = self.base.model_dump(mode="json", exclude={"name", "out_dir"})
+        for section, values in t.base.items():
+            if isinstance(values, dict) and isinstance(base.get(section), dict):
+                base[section] = {**base[section], **values}
+            else:
+                base[section] = values
+        if self.base.schedule is not None:
+            layers = base["model"]["n_layer"]
+            base["schedule"] = scale_schedule(base["schedule"], self.base.model.n_layer, layers)
+        data = self.model_dump(mode="json", exclude={"transfer", "base", "baseline", "search"})
+        return StudyConfig.model_validate(
+            {
+                **data,
+                "experiment": f"{self.experiment}-target",
+                "base": base,
+                "frontier": t.frontier or self.frontier,
+                "baseline": None if t.baseline is None else t.baseline.model_dump(mode="json"),
+                "search": {"trials": 1, "objective": self.search.objective},
+            }
+        )
 
     @property
     def study_dir(self) -> str:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Interval", "log_interval", "paired_log_interval"]
+__all__ = ["Interval", "bootstrap_spearman", "log_interval", "paired_log_interval", "spearman"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,70 @@ def paired_log_interval(a: Sequence[float], b: Sequence[float], level: float = 0
     if len(a) != len(b):
         raise ValueError(f"paired by seed: {len(a)} and {len(b)} values")
     return log_interval([x / y for x, y in zip(a, b, strict=True)], level)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's on the ranks, ties given their mean rank; NaN
+    when either side is constant (no ranking to compare)."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"needs two paired samples of 2 or more, got {len(x)} and {len(y)}")
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def bootstrap_spearman(
+    proxy: Sequence[Sequence[float]],
+    target: Sequence[Sequence[float]],
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Spearman's correlation between the geometric means of `proxy[i]` and `target[i]` (each
+    item's ratios over its seeds, on the two sides), with a percentile bootstrap interval over
+    items and seeds: each resample draws the items with replacement and, within each drawn item,
+    its seeds on each side with replacement. Resamples with no ranking on a side (all items
+    alike) are left out. Returns (rho, low, high)."""
+    import random
+
+    def gmean(values: Sequence[float]) -> float:
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+
+    if len(proxy) != len(target):
+        raise ValueError(f"paired items: {len(proxy)} and {len(target)}")
+    rho = spearman([gmean(p) for p in proxy], [gmean(t) for t in target])
+    rng, draws = random.Random(seed), []
+    n = len(proxy)
+    for _ in range(resamples):
+        items = [rng.randrange(n) for _ in range(n)]
+        xs = [gmean(rng.choices(proxy[i], k=len(proxy[i]))) for i in items]
+        ys = [gmean(rng.choices(target[i], k=len(target[i]))) for i in items]
+        r = spearman(xs, ys)
+        if not math.isnan(r):
+            draws.append(r)
+    if not draws:
+        return rho, math.nan, math.nan
+    draws.sort()
+    tail = (1 - level) / 2
+    low = draws[min(len(draws) - 1, int(tail * len(draws)))]
+    high = draws[min(len(draws) - 1, int((1 - tail) * len(draws)))]
+    return rho, low, high
 
 
 def _t_quantile(p: float, dof: int) -> float:

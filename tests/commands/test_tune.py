@@ -179,3 +179,88 @@ def test_the_frontier_is_tuned_per_budget(ray_cluster, tmp_path, gpt_data):
     assert len(scratch.checkpoints) == len(record["flags"])
     assert sorted(scratch.runs) == [0.5, 1.0, 2.0]
     assert all(reading[f"{b:g}"]["run"] in path for b, path in scratch.runs.items())
+
+
+@pytest.mark.slow
+def test_a_finished_search_is_carried_to_a_deeper_target(ray_cluster, tmp_path, gpt_data, capsys):
+    """`transfer`, added to a finished search and run with --transfer-only: the search's three
+    trials and the release carried from 4 to 8 layers (depths scaled, ends kept), trained
+    against the target's own frontier, the proxy's best and the release on two seeds; the
+    correlation with its interval, best.yaml the target's, the transfer's MLflow run with its
+    plot; then --resume prints the study's end and the transfer's without Ray."""
+    from mlflow import MlflowClient
+
+    from apollo_ray.records.mlflow_server import local_store
+    from apollo_ray.records.tracking import KIND
+
+    path = tiny_study(tmp_path, gpt_data, "proxy", lrs=(3.0e-3, 1.0e-3, 6.0e-3))
+    data = yaml.safe_load(path.read_text())
+    data["search"]["confirm"] = {"top_k": 1, "seeds": 2}
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path), "--transfer-only"]) == 2  # no transfer section yet
+    assert "needs a `transfer` section" in capsys.readouterr().err
+    data["transfer"] = {
+        "base": {"model": {"n_layer": 8}, "train": {"steps": 16}},
+        "carry": 3,
+        "seeds": 1,
+        "best_seeds": 2,
+        "baseline": None,
+    }
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path), "--transfer-only"]) == 2  # no finished search yet: said, no Ray
+    assert "holds no finished search of this study" in capsys.readouterr().err
+    del data["transfer"]
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path)]) == 0  # the search alone
+    out = tmp_path / "outputs"
+    summary = json.loads((out / "proxy" / "summary.json").read_text())
+    data["transfer"] = {
+        "base": {"model": {"n_layer": 8}, "train": {"steps": 16}},
+        "carry": 3,
+        "seeds": 1,
+        "best_seeds": 2,
+        "baseline": None,
+    }
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path), "--transfer-only"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "proxy" / "transfer.json").read_text())
+    names = [e["schedule"] for e in report["schedules"]]
+    done = [t["trial"] for t in summary["trials"] if t["status"] == "ok"]
+    assert names == [*done, "release"] and len(done) == 3
+    best = summary["best"][0]["trial"]
+    for e in report["schedules"]:
+        proxy_depths = e["params"].get("schedule.depths", [1, 2, 4])
+        assert proxy_depths == [1, 2, 4]  # tiny_study does not search the depths
+        assert e["target_params"]["schedule.depths"] == [2, 4, 8]
+        assert e["target_params"]["schedule.stage_ends"] == [0.25, 0.5]
+        two = e["schedule"] in (best, "release")
+        assert e["target"]["seeds"] == ([1, 2] if two else [1])
+        assert e["target"]["interval"]["n"] == len(e["target"]["seeds"])
+        assert e["proxy"]["interval"]["n"] == (2 if two else 1)  # confirm's seeds, the release's
+        run_dir = out / "proxy-target" / "trials" / f"{e['schedule']}-seed1"
+        assert metrics_rows(run_dir)[-1]["step"] == 16
+    s = report["spearman"]
+    assert s["n"] == 4 and -1 <= s["low"] <= s["rho"] <= s["high"] <= 1
+    assert report["proxy_best"] == best and report["target_best"] in names
+    assert report["split"] == "test" and report["verdict"] in " ".join(printed.split())
+    target = load_run_config(out / "proxy" / "best.yaml")  # the target's run of the winner
+    assert target.model.n_layer == 8 and target.schedule.depths == [2, 4, 8]
+    assert load_run_config(out / "proxy" / "best-proxy.yaml").model.n_layer == 4
+    assert len(list((out / "baselines").iterdir())) == 4  # 2 budgets at each size
+    client = MlflowClient(local_store(out)[0])
+    exp = client.get_experiment_by_name("proxy")
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`{KIND}` = 'transfer'")
+    assert run.data.metrics["spearman_rho"] == pytest.approx(s["rho"])
+    assert run.data.tags["apollo.target_best"] == report["target_best"]
+    plots = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    assert plots == ["plots/proxy_vs_target.png"]
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    kinds = sorted(c.data.tags[KIND] for c in children)
+    # the release at the proxy (2 seeds), the target's runs (best 2, 1, 1, release 2), its baseline
+    assert kinds == ["baseline", *["reference"] * 2, *["target"] * 6]
+    assert main([str(path), "--resume"]) == 0  # finished: both ends again, without Ray
+    again = capsys.readouterr().out
+    assert report["verdict"] in " ".join(again.split()) and "confirmed with fresh seeds" in again
