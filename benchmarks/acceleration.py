@@ -79,7 +79,7 @@ from apollo_ray.yardstick.regime import PLATEAU, non_embedding_params, unigram_e
 from apollo_ray.yardstick.stats import log_interval, paired_log_interval
 from benchmarks.common import RESULTS, machine, print_table
 
-__all__ = ["ARMS", "PRESETS", "Preset", "arm_schedules", "main"]
+__all__ = ["ARMS", "PRESETS", "Bench", "Preset", "arm_schedules", "embedded_data", "main"]
 
 SWEEP_SEED = 1000  # scratch's sweep: no reading seed keeps its selection luck
 LR_FACTORS = (0.5, 1.0, 2.0, 4.0)  # of the preset's LR, a factor of 2 apart
@@ -318,16 +318,19 @@ class Bench:
             done[budget] = self.run(cfg, "scratch", budget)
         return done
 
-    def config(self, arm: str, budget: float, seed: int) -> RunConfig:
-        """An arm's run: the schedule at the full budget's chosen LR and schedule family (the
-        searched one: at its own)."""
+    def config(
+        self, arm: str, budget: float, seed: int, schedule: dict[str, Any] | None = None
+    ) -> RunConfig:
+        """An arm's run: the schedule (the arm's, or `schedule` given) at the full budget's
+        chosen LR and schedule family (the searched one: at its own)."""
         if arm == "searched":
             train = self.searched.train
             setting = Setting(train.decay, train.lr)
             schedule = self.searched.schedule.model_dump()
         else:
             setting = self.tuned.chosen[1.0]
-            schedule = arm_schedules(self.preset.n_layer, self.budget_steps(budget))[arm]
+            if schedule is None:
+                schedule = arm_schedules(self.preset.n_layer, self.budget_steps(budget))[arm]
         data = self.scratch(budget, setting, seed).model_dump()
         if arm == "searched":
             fields = ("warmup", "warmup_steps", "decay_fraction", "min_lr_ratio")
@@ -338,8 +341,30 @@ class Bench:
         data |= {"name": name, "out_dir": str(self.run_root / name), "schedule": schedule}
         return RunConfig.model_validate(data)
 
-    def arm(self, arm: str, budget: float, seed: int) -> Result:
-        return self.run(self.config(arm, budget, seed), arm, budget)
+    def arm(
+        self, arm: str, budget: float, seed: int, schedule: dict[str, Any] | None = None
+    ) -> Result:
+        return self.run(self.config(arm, budget, seed, schedule), arm, budget)
+
+    def reading_fronts(
+        self, by_seed: dict[int, dict[float, Result]]
+    ) -> tuple[dict[int, Frontier], list[dict[str, Any]], float | None, bool]:
+        """The frontier each seed's runs are read against on test: its scratch runs, with the
+        any-checkpoint check's flagged points read on test (their lower envelope); the flags,
+        the seed standard deviation, and whether any flagged point was read."""
+        flags, seed_sd = any_checkpoint(self, by_seed)
+        envelope, read = [], []  # the flagged points, and those read on test
+        for flag in flags:
+            test = self.read_on_test(flag.point.run, flag.point.step)
+            envelope.append(flag.as_dict() | {"wall": flag.point.wall, "test_loss": test})
+            if test is not None:
+                read.append(dataclasses.replace(flag.point, loss=test))
+        fronts = {}
+        for s, runs in by_seed.items():
+            fronts[s] = frontier(runs, "test_loss")
+            if read:
+                fronts[s] = lower_envelope(fronts[s], read)
+        return fronts, envelope, seed_sd, bool(read)
 
     def cached(self, cfg: RunConfig) -> Result | None:
         if cfg.name in self.finished:
@@ -771,18 +796,7 @@ def main(argv: list[str] | None = None) -> None:
     for arm in [a for a in headline if a != "searched"]:
         runs[(arm, preset.small_budget)] = [bench.arm(arm, preset.small_budget, s) for s in seeds]
 
-    flags, seed_sd = any_checkpoint(bench, by_seed)
-    envelope, read = [], []  # the flagged points, and those read on test
-    for flag in flags:
-        test = bench.read_on_test(flag.point.run, flag.point.step)
-        envelope.append(flag.as_dict() | {"wall": flag.point.wall, "test_loss": test})
-        if test is not None:
-            read.append(dataclasses.replace(flag.point, loss=test))
-    fronts = {}
-    for s in seeds:
-        fronts[s] = frontier(by_seed[s], "test_loss")
-        if read:
-            fronts[s] = lower_envelope(fronts[s], read)
+    fronts, envelope, seed_sd, read = bench.reading_fronts(by_seed)
     rows = [summarise(arm, budget, rs, fronts, bench) for (arm, budget), rs in runs.items()]
 
     frontier_rows = [run_row(bench, b, [by_seed[s][b] for s in seeds]) for b in preset.frontier]
