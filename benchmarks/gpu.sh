@@ -5,7 +5,11 @@
 #    the attention kernel that ran and each step's profile: throughput-bert-<gpu>.json;
 # 2. the acceleration benchmark's GPU preset (the scratch frontier and the released recipe, one
 #    seed, at most 8 minutes): acceleration-gpt-gpu.json and .png;
-# 3. the GPU tests. Results go to benchmarks/results/ (and a copy under $OUT when that is set).
+# 3. the transfer to that preset's 8 x 160 target (benchmarks/transfer.py, one seed, on the
+#    frontier step 2 cached): transfer-gpt-gpu.json and .png. It needs the proxy's finished
+#    search: run `python -m benchmarks.transfer` (or the study) here first and carry
+#    outputs/transfer-gpt and outputs/baselines with the run;
+# 4. the GPU tests. Results go to benchmarks/results/ (and a copy under $OUT when that is set).
 #
 #   bash benchmarks/gpu.sh            # SKIP_THROUGHPUT=1 for step 2 and 3 only
 #
@@ -34,6 +38,10 @@ timeout 600 $PY -m benchmarks.acceleration --kind gpt --preset gpu --quiet || tr
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/acceleration-gpt-gpu.* "$OUT"/ 2>/dev/null || true
   tar czf "$OUT/acceleration-gpt-gpu-runs.tgz" benchmarks/results/acceleration/gpt-gpu || true
+fi
+if [ -d outputs/transfer-gpt ]; then
+  timeout 300 $PY -m benchmarks.transfer --preset gpu --seeds 1 --quiet || true
+  if [ -n "${OUT:-}" ]; then cp benchmarks/results/transfer-gpt-gpu.* "$OUT"/ 2>/dev/null || true; fi
 fi
 # the trainer on the GPU: bf16, a run resumed from its checkpoint logs the uninterrupted losses
 $PY -m pytest -q -m gpu tests/

@@ -4,7 +4,8 @@ benchmark's 8 x 48 GPT (22 tokens per parameter) and read against that benchmark
 scratch frontier, which it caches (benchmarks/results/acceleration/gpt-<preset>/).
 
     python -m benchmarks.transfer                  # the CPU preset, ~45 min here
-    python -m benchmarks.transfer --preset gpu     # the benchmark's GPU target (8 x 160)
+    python -m benchmarks.transfer --preset gpu --seeds 1   # the GPU target (8 x 160; in
+                                                   # benchmarks/gpu.sh, after its frontier)
 
 1. The proxy: the study `search_spaces/transfer-gpt.yaml` (the demo's setup, 8 TPE trials,
    the best confirmed with 3 fresh seeds) runs through the product (`apollo_ray.tune`: local
@@ -98,6 +99,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--study", type=Path, default=STUDY, help=f"default: {STUDY}")
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu", help="the target's")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="the target's prepared data, with a test split (default: the preset's embedded "
+        "corpora, as the acceleration benchmark prepares them)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        help="seeds at the target at most (default: the study's best_seeds; the GPU preset's "
+        "frontier has one)",
+    )
     parser.add_argument("--address", help="Ray cluster for the proxy search (default: local)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar per target run")
     args = parser.parse_args(argv)
@@ -119,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
         entries.append({"schedule": RELEASE, "params": {}, "proxy": release_at_proxy(study)})
 
     preset = PRESETS[args.preset]
-    bench = Bench("gpt", args.preset, embedded_data("gpt", preset), t.best_seeds, args.quiet)
+    data = args.data or embedded_data("gpt", preset)
+    bench = Bench(
+        "gpt", args.preset, data, min(t.best_seeds, args.seeds or t.best_seeds), args.quiet
+    )
     tuned = bench.tune()  # cached by the acceleration benchmark
     choice = tuned.chosen[1.0]
     seeds = list(bench.seeds)

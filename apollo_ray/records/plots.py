@@ -163,9 +163,9 @@ def transfer_scatter(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel(f"speedup on the proxy ({split} split)")
     ax.set_ylabel(f"speedup on the target ({split} split)")
     ax.set_title(
-        f"{report.get('proxy', '')} -> {report.get('target', '')}: Spearman {rho}, "
-        f"{s['n']} schedules\n(red: the proxy's best; black: the release)",
-        fontsize=9,
+        f"{report.get('proxy', '')} -> {report.get('target', '')}\nSpearman {rho}, "
+        f"{s['n']} schedules (red: the proxy's best; black: the release)",
+        fontsize=8,
     )
     ax.grid(True, which="both", alpha=0.3)
     path = Path(path)

@@ -182,14 +182,20 @@ def test_the_frontier_is_tuned_per_budget(ray_cluster, tmp_path, gpt_data):
 
 
 @pytest.mark.slow
-def test_a_finished_search_is_carried_to_a_deeper_target(ray_cluster, tmp_path, gpt_data, capsys):
+def test_a_finished_search_is_carried_to_a_deeper_target(
+    ray_cluster, tmp_path, gpt_data, capsys, monkeypatch
+):
     """`transfer`, added to a finished search and run with --transfer-only: the search's three
     trials and the release carried from 4 to 8 layers (depths scaled, ends kept), trained
     against the target's own frontier, the proxy's best and the release on two seeds; the
     correlation with its interval, best.yaml the target's, the transfer's MLflow run with its
-    plot; then --resume prints the study's end and the transfer's without Ray."""
+    plot; then --resume prints the study's end and the transfer's without Ray. Last, the
+    benchmark's transfer (benchmarks/transfer.py, which the GPU script runs) at toy size on the
+    same search, against the toy preset's own tuned frontier."""
     from mlflow import MlflowClient
 
+    import benchmarks.acceleration as accel
+    import benchmarks.transfer as bench_transfer
     from apollo_ray.records.mlflow_server import local_store
     from apollo_ray.records.tracking import KIND
 
@@ -264,3 +270,19 @@ def test_a_finished_search_is_carried_to_a_deeper_target(ray_cluster, tmp_path, 
     assert main([str(path), "--resume"]) == 0  # finished: both ends again, without Ray
     again = capsys.readouterr().out
     assert report["verdict"] in " ".join(again.split()) and "confirmed with fresh seeds" in again
+
+    monkeypatch.setattr(accel, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench_transfer, "RESULTS", tmp_path / "results")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--study", str(path), "--preset", "toy", "--data", str(gpt_data), "--seeds", "2"]
+    bench_transfer.main([*argv, "--quiet"])
+    bench = json.loads((tmp_path / "results" / "transfer-gpt-toy.json").read_text())
+    assert [e["schedule"] for e in bench["schedules"]] == names
+    for ours, product in zip(bench["schedules"], report["schedules"], strict=True):
+        # the same proxy readings: the release's proxy runs are the product's, found finished
+        assert ours["proxy"]["test_speedups"] == pytest.approx(product["proxy"]["test_speedups"])
+        assert ours["target_params"]["schedule.depths"] == [2, 4, 8]
+        two = ours["schedule"] in (best, "release")
+        assert ours["target"]["seeds"] == ([0, 1] if two else [0])  # the frontier's seeds
+    assert bench["spearman"]["n"] == 4 and bench["target_choice"]["lr"] > 0
+    assert (tmp_path / "results" / "transfer-gpt-toy.png").stat().st_size > 10_000
