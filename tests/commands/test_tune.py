@@ -205,13 +205,14 @@ def test_a_finished_search_is_carried_to_a_deeper_target(
     path.write_text(yaml.safe_dump(data))
     assert main([str(path), "--transfer-only"]) == 2  # no transfer section yet
     assert "needs a `transfer` section" in capsys.readouterr().err
-    data["transfer"] = {
+    transfer = {
         "base": {"model": {"n_layer": 8}, "train": {"steps": 16}},
         "carry": 3,
         "seeds": 1,
         "best_seeds": 2,
         "baseline": None,
     }
+    data["transfer"] = transfer
     path.write_text(yaml.safe_dump(data))
     assert main([str(path), "--transfer-only"]) == 2  # no finished search yet: said, no Ray
     assert "holds no finished search of this study" in capsys.readouterr().err
@@ -220,13 +221,7 @@ def test_a_finished_search_is_carried_to_a_deeper_target(
     assert main([str(path)]) == 0  # the search alone
     out = tmp_path / "outputs"
     summary = json.loads((out / "proxy" / "summary.json").read_text())
-    data["transfer"] = {
-        "base": {"model": {"n_layer": 8}, "train": {"steps": 16}},
-        "carry": 3,
-        "seeds": 1,
-        "best_seeds": 2,
-        "baseline": None,
-    }
+    data["transfer"] = transfer
     path.write_text(yaml.safe_dump(data))
     assert main([str(path), "--transfer-only"]) == 0
     printed = capsys.readouterr().out
