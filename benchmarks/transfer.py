@@ -76,7 +76,7 @@ def release_at_proxy(study: StudyConfig) -> dict[str, Any]:
     assert study.transfer is not None
     scratch = ensure_frontier(study)  # the search's: cached
     side: dict[str, Any] = {"seeds": [], "speedups": [], "test_speedups": []}
-    for seed in range(study.base.seed + 1, study.base.seed + 1 + study.transfer.best_seeds):
+    for seed in study.fresh_seeds(study.transfer.best_seeds):
         name = f"{RELEASE}-seed{seed}"
         out = Path(study.study_dir) / "trials" / name
         cfg = materialize(study.base, {"seed": seed}, f"{study.experiment}-{name}", str(out))
@@ -141,13 +141,16 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(bench.seeds)
     by_seed = {s: bench.frontier_runs(s) for s in seeds}
     fronts, envelope, _, _ = bench.reading_fronts(by_seed)
-    layers = study.target().base.model.n_layer
+    target = study.target()
+    layers = target.base.model.n_layer
     if layers != preset.n_layer:
         raise SystemExit(
             f"the study's target has {layers} layers, preset {args.preset} has {preset.n_layer}"
         )
     for e in entries:
-        e["target_params"] = scaled(study, e["params"], {"lr": choice.lr, "family": choice.family})
+        e["target_params"] = scaled(
+            study, target, e["params"], {"lr": choice.lr, "family": choice.family}
+        )
         schedule = {
             k.removeprefix("schedule."): v
             for k, v in e["target_params"].items()

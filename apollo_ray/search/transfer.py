@@ -34,6 +34,7 @@ from apollo_ray.records.tracking import KIND, STUDY, StudyRecord, group_run, sav
 from apollo_ray.search.baseline import ensure_frontier
 from apollo_ray.search.summary import (
     WIDTH,
+    confirmation,
     read_baseline,
     text_table,
     transfer_fingerprint,
@@ -69,26 +70,25 @@ def carried(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 
 def target_params(
-    study: StudyConfig, params: dict[str, Any], scratch_choice: dict[str, Any]
+    study: StudyConfig,
+    target: StudyConfig,
+    params: dict[str, Any],
+    scratch_choice: dict[str, Any],
 ) -> dict[str, Any]:
-    """A proxy trial's `params` as the target's: its whole schedule (base.schedule with the
-    trial's values) scaled to the target's layers, each field written `schedule.<field>`; with
-    `lr: scratch` the LR and family the target's scratch chose (`scratch_choice`), else the
-    trial's own; any other searched value as is."""
+    """A proxy trial's `params` as the `target`'s (`study.target()`): its whole schedule
+    (base.schedule with the trial's values) scaled to the target's layers, each field written
+    `schedule.<field>`; with `lr: scratch` the LR and family the target's scratch chose
+    (`scratch_choice`), else the trial's own; any other searched value as is."""
     assert study.transfer is not None and study.base.schedule is not None
+    ours = {k: v for k, v in params.items() if k.startswith("schedule.")}
     schedule = study.base.schedule.model_dump(mode="json")
-    schedule |= {k.removeprefix("schedule."): v for k, v in params.items() if _schedule(k)}
-    target = study.target()
+    schedule |= {k.removeprefix("schedule."): v for k, v in ours.items()}
     scaled = scale_schedule(schedule, study.base.model.n_layer, target.base.model.n_layer)
-    out = {k: v for k, v in params.items() if not _schedule(k)}
+    out = {k: v for k, v in params.items() if k not in ours}
     out |= {f"schedule.{k}": v for k, v in scaled.items()}
     if study.transfer.lr == "scratch":
         out |= {"train.lr": scratch_choice["lr"], "train.decay": scratch_choice["family"]}
     return out
-
-
-def _schedule(key: str) -> bool:
-    return key.startswith("schedule.")
 
 
 def run_transfer(
@@ -115,24 +115,25 @@ def run_transfer(
             save_session(target, group)
         proxy = {r["trial"]: proxy_side(r, confirmed) for r in picked}
         entries = [{"schedule": r["trial"], "params": r["params"]} for r in picked]
-        proxy_seeds = range(study.base.seed + 1, study.base.seed + 1 + t.best_seeds)
         if t.release:
             entries.append({"schedule": RELEASE, "params": {}})
-            runs = [{"trial": RELEASE, "params": {}, "seed": s} for s in proxy_seeds]
+            runs = [
+                {"trial": RELEASE, "params": {}, "seed": s} for s in study.fresh_seeds(t.best_seeds)
+            ]
             grid = run_confirm(study, ensure_frontier(study), runs, group, live, "reference")
-            proxy[RELEASE] = _side(runs, grid)
+            proxy |= sides(study, runs, grid)
         target_scratch = ensure_frontier(target, group)
         choice = _chosen(target)
         runs = []
         for e in entries:
-            e["target_params"] = target_params(study, e["params"], choice)
+            e["target_params"] = target_params(study, target, e["params"], choice)
             n = t.best_seeds if e["schedule"] in (best, RELEASE) else t.seeds
-            seeds = range(study.base.seed + 1, study.base.seed + 1 + n)
             runs += [
-                {"trial": e["schedule"], "params": e["target_params"], "seed": s} for s in seeds
+                {"trial": e["schedule"], "params": e["target_params"], "seed": s}
+                for s in target.fresh_seeds(n)
             ]
         grid = run_confirm(target, target_scratch, runs, group, live, "target")
-        measured = _by_schedule(runs, grid)
+        measured = sides(target, runs, grid)
         for e in entries:
             e["proxy"], e["target"] = proxy[e["schedule"]], measured[e["schedule"]]
         report = compare(entries, best)
@@ -181,8 +182,7 @@ def proxy_side(row: dict[str, Any], confirmed: list[dict[str, Any]] | None) -> d
     else its one search run (the base seed)."""
     entry = next((e for e in confirmed or [] if e["trial"] == row["trial"] and e["seeds"]), None)
     if entry is not None:
-        keys = ("seeds", "speedups", "test_speedups")
-        return {k: entry[k] for k in keys}
+        return {k: entry.get(k, []) for k in SIDE}
     return {
         "seeds": [None],
         "speedups": [row["speedup"]],
@@ -190,27 +190,14 @@ def proxy_side(row: dict[str, Any], confirmed: list[dict[str, Any]] | None) -> d
     }
 
 
-def _side(runs: list[dict[str, Any]], grid) -> dict[str, Any]:
-    (side,) = _by_schedule(runs, grid).values()
-    return side
+SIDE = ("seeds", "speedups", "test_speedups", "failed_seeds")  # what one side measured
 
 
-def _by_schedule(runs: list[dict[str, Any]], grid) -> dict[str, dict[str, Any]]:
-    """Each schedule's finished runs of a Tune grid of `runs`, by seed: speedups on
-    validation and test, bounds."""
-    out: dict[str, dict[str, Any]] = {}
-    for result in sorted(grid, key=lambda r: (r.config or {}).get("run", 0)):
-        run, m = runs[(result.config or {})["run"]], result.metrics or {}
-        side = out.setdefault(
-            run["trial"], {"seeds": [], "speedups": [], "test_speedups": [], "failed_seeds": []}
-        )
-        if result.error is None and "speedup" in m:
-            side["seeds"].append(run["seed"])
-            side["speedups"].append(m["speedup"])
-            side["test_speedups"].append(m.get("test_speedup"))
-        else:
-            side["failed_seeds"].append(run["seed"])
-    return out
+def sides(study: StudyConfig, runs: list[dict[str, Any]], grid) -> dict[str, dict[str, Any]]:
+    """Each schedule's runs of a Tune grid of re-runs `runs`, over its seeds: the speedups on
+    validation and test and the seeds that failed (grouped as `summary.confirmation` groups a
+    confirmation's)."""
+    return {e["trial"]: {k: e.get(k, []) for k in SIDE} for e in confirmation(study, runs, grid)}
 
 
 def compare(entries: list[dict[str, Any]], best: str) -> dict[str, Any]:

@@ -205,7 +205,7 @@ def _ended(grid: tune.ResultGrid, trials: int) -> tune.ResultGrid:
 def confirm_runs(study: StudyConfig, best: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What the confirmation runs: {trial, params, seed} for each best trial and fresh seed."""
     assert study.search.confirm is not None
-    seeds = range(study.base.seed + 1, study.base.seed + 1 + study.search.confirm.seeds)
+    seeds = study.fresh_seeds(study.search.confirm.seeds)
     return [{"trial": r["trial"], "params": r["params"], "seed": s} for r in best for s in seeds]
 
 

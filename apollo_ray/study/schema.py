@@ -380,6 +380,10 @@ class StudyConfig(Strict):
             raise ValidationError.from_exception_data(type(self).__name__, line_errors(problems))
         return self
 
+    def fresh_seeds(self, n: int) -> range:
+        """The seeds of re-runs (confirmation, transfer): base.seed + 1, ..., base.seed + n."""
+        return range(self.base.seed + 1, self.base.seed + 1 + n)
+
     def target(self) -> StudyConfig:
         """The study at the target size (`transfer`): base with the target's overrides and the
         base schedule scaled to it (`scaling.scale_schedule`), the target's frontier and

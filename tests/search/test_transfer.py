@@ -115,7 +115,7 @@ def test_target_params_scale_the_schedule_and_take_scratchs_lr(tmp_path):
         "train.lr": 1e-3,
         "schedule.alpha": 0.5,
     }
-    out = target_params(study, params, {"lr": 8e-3, "family": "wsd"})
+    out = target_params(study, study.target(), params, {"lr": 8e-3, "family": "wsd"})
     assert out["schedule.depths"] == [2, 8] and out["schedule.stage_ends"] == [0.3]
     assert out["schedule.alpha"] == 0.5 and out["train.lr"] == 8e-3 and out["train.decay"] == "wsd"
     target = study.target()  # base's schedule, the release, scaled too
